@@ -1,0 +1,757 @@
+"""Tests for chat.py, in the order of the product: fixtures and helpers, the consumer,
+HTTP, a real server, Redis, and the browser (the Channels tutorial's own Selenium tests).
+
+    pip install -r requirements.txt pytest pytest-asyncio selenium websockets
+    python -m pytest
+
+Tests that need redis-server or Chromium skip when those are missing, and fail instead
+when CI=true.
+"""
+
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import unittest
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+import pytest_asyncio
+from channels.layers import get_channel_layer
+from channels.testing import HttpCommunicator, WebsocketCommunicator
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.wait import WebDriverWait
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+import chat
+
+HERE = Path(__file__).resolve().parent
+TIMEOUT = 10  # seconds any single expected event may take before a test fails
+
+# === Fixtures and helpers ===
+
+
+def need(program: str) -> str:
+    """The path of a program the test needs: skip without it, or fail under CI=true."""
+    found = shutil.which(program)
+    if found:
+        return found
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{program} is required when CI=true, and it is not installed")
+    pytest.skip(f"{program} is not installed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(condition, timeout: float = TIMEOUT, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Process:
+    """A subprocess whose combined output is collected line by line as it arrives."""
+
+    def __init__(self, args: list[str], env: dict | None = None, cwd: Path = HERE):
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.output: list[str] = []
+        self.proc = subprocess.Popen(
+            args,
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.output.append(line)
+            self.lines.put(line)
+
+    def wait_for_line(self, prefix: str, timeout: float = TIMEOUT) -> str:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line.startswith(prefix):
+                return line.strip()
+        raise AssertionError(f"no line starting {prefix!r}; output:\n{self.text}")
+
+    @property
+    def text(self) -> str:
+        return "".join(self.output)
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(TIMEOUT)
+        return self.proc.returncode
+
+
+class ChatServer(Process):
+    """`python chat.py --port 0 ...`; `url` is the address its banner printed."""
+
+    def __init__(self, *args: str, env: dict | None = None):
+        super().__init__([sys.executable, "chat.py", "--port", "0", *args], env=env)
+        banner = self.wait_for_line("chat.py: open ")
+        self.url = banner.removeprefix("chat.py: open ").removesuffix("/chat/")
+
+    def websocket(self, room: str, origin: str | None = "same", **query):
+        return open_socket(self.url, room, origin, **query)
+
+
+def open_socket(base_url: str, room: str, origin: str | None = "same", **query):
+    host = base_url.split("://", 1)[1]
+    query_string = "&".join(f"{k}={quote(str(v))}" for k, v in query.items())
+    uri = f"ws://{host}/ws/chat/{quote(room)}/" + (f"?{query_string}" if query else "")
+    return connect(uri, origin=base_url if origin == "same" else origin, open_timeout=5)
+
+
+def next_frame(ws, frame_type: str = "message") -> dict:
+    """The next frame of a type from a real socket, skipping other kinds of frame."""
+    deadline = time.monotonic() + TIMEOUT
+    while (left := deadline - time.monotonic()) > 0:
+        frame = json.loads(ws.recv(timeout=left))
+        if frame["type"] == frame_type:
+            return frame
+    raise AssertionError(f"no {frame_type!r} frame within {TIMEOUT} s")
+
+
+def post(ws, text: str) -> None:
+    ws.send(json.dumps({"message": text}))
+
+
+@pytest.fixture(scope="session")
+def live_server():
+    """One real chat.py for the real-server and browser tests; `.url` as in
+    pytest-django's fixture of the same name, so the tutorial's tests read the same."""
+    server = ChatServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A private redis-server on a free port (never 6379); yields its URL."""
+    server = RedisServer()
+    yield server.url
+    server.stop()
+
+
+class RedisServer(Process):
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        program = need("redis-server")
+        super().__init__(
+            [program, "--port", str(self.port), "--bind", "127.0.0.1"]
+            + ["--save", "", "--appendonly", "no"]
+        )
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        wait_until(self.answers, what=f"redis-server on port {self.port}")
+
+    def answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+
+@pytest.fixture(scope="session")
+def chrome_driver():
+    """Headless Debian Chromium through its own chromedriver: no driver downloads."""
+    options = Options()
+    options.binary_location = need("chromium")
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(need("chromedriver")))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+ORIGIN = [(b"origin", b"http://127.0.0.1:8000"), (b"host", b"127.0.0.1:8000")]
+
+
+def communicator(room: str, headers=ORIGIN) -> WebsocketCommunicator:
+    return WebsocketCommunicator(chat.application, f"/ws/chat/{room}/", headers)
+
+
+async def joined(room: str) -> WebsocketCommunicator:
+    member = communicator(room)
+    connected, _ = await member.connect()
+    assert connected, f"could not join room {room!r}"
+    return member
+
+
+async def next_json(member: WebsocketCommunicator, frame_type: str = "message"):
+    while True:
+        frame = await member.receive_json_from(timeout=TIMEOUT)
+        if frame["type"] == frame_type:
+            return frame
+
+
+@pytest_asyncio.fixture
+async def fresh_layer():
+    """Each consumer test starts with an empty in-memory channel layer."""
+    layer = get_channel_layer()
+    await layer.flush()
+    yield layer
+    await layer.flush()
+
+
+# === Consumer tests ===
+
+
+@pytest.mark.asyncio
+async def test_both_members_receive_a_message_sender_included(fresh_layer):
+    alice, bob = await joined("lobby-1"), await joined("lobby-1")
+    await alice.send_json_to({"message": "hello"})
+    for member in (alice, bob):
+        frame = await next_json(member)
+        assert frame["message"] == "hello"
+        assert frame["ts"].endswith("Z")
+    await alice.disconnect()
+    await bob.disconnect()
+
+
+@pytest.mark.asyncio
+async def test_member_of_another_room_does_not_receive(fresh_layer):
+    alice, carol = await joined("room_a"), await joined("room_b")
+    await alice.send_json_to({"message": "for room a"})
+    assert (await next_json(alice))["message"] == "for room a"
+    assert await carol.receive_nothing(timeout=0.2), "room_b got room_a's message"
+    await alice.disconnect()
+    await carol.disconnect()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "one, other",
+    [
+        ("cafe", "сafe"),  # the second starts with a Cyrillic 'с'
+        ("café", "cafe"),
+        ("кафе-1", "кафе_1"),
+        ("東京", "京東"),
+    ],
+)
+async def test_look_alike_unicode_rooms_stay_apart(fresh_layer, one, other):
+    assert chat.group_name(one) != chat.group_name(other)
+    first, second = await joined(one), await joined(other)
+    await first.send_json_to({"message": f"only in {one}"})
+    assert (await next_json(first))["message"] == f"only in {one}"
+    assert await second.receive_nothing(timeout=0.2), f"{other!r} got {one!r}'s message"
+    await first.disconnect()
+    await second.disconnect()
+
+
+def test_group_names_are_short_ascii():
+    for room in ("кафе-1", "東京", "café", "x" * 100, "नमस्ते"):
+        name = chat.group_name(room)
+        assert name.isascii() and len(name) < 100, name
+
+
+MALFORMED = [
+    ("text", "not json"),
+    ("text", "[1, 2]"),
+    ("text", '"just a string"'),
+    ("text", "{}"),
+    ("text", '{"message": 42}'),
+    ("text", '{"message": null}'),
+    ("text", '{"message": ""}'),
+    ("text", '{"message": "   \\t "}'),
+    ("text", '{"message": "nul \\u0000 inside"}'),
+    ("text", '{"message": "lone \\ud800 surrogate"}'),
+    ("text", json.dumps({"message": "x" * (chat.MAX_MESSAGE + 1)})),
+    ("text", "[" * 100_000),
+    ("bytes", b"\x00\x01binary"),
+]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind, data", MALFORMED)
+async def test_malformed_frame_gets_error_and_socket_still_works(
+    fresh_layer, kind, data
+):
+    sender, other = await joined("strict"), await joined("strict")
+    await sender.send_to(**{f"{kind}_data": data})
+    error = await sender.receive_json_from(timeout=TIMEOUT)
+    assert error["type"] == "error" and error["message"], error
+    assert await other.receive_nothing(timeout=0.1), "a malformed frame was relayed"
+
+    await sender.send_json_to({"message": "still here"})
+    assert (await next_json(sender))["message"] == "still here"
+    assert (await next_json(other))["message"] == "still here"
+    await sender.disconnect()
+    await other.disconnect()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("room", ["a%20b", "x" * 101, "semi;colon", "dot.dot"])
+async def test_invalid_room_name_refuses_the_handshake(fresh_layer, room):
+    connected, _ = await communicator(room).connect()
+    assert not connected
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"origin", b"http://evil.example"), (b"host", b"127.0.0.1:8000")],
+        [(b"host", b"127.0.0.1:8000")],
+    ],
+    ids=["foreign-origin", "no-origin"],
+)
+async def test_foreign_or_missing_origin_is_refused(fresh_layer, headers):
+    connected, _ = await communicator("lobby", headers).connect()
+    assert not connected
+
+
+# === HTTP tests ===
+
+
+async def http_get(path: str, host: bytes = b"127.0.0.1:8000") -> dict:
+    response = await HttpCommunicator(
+        chat.application, "GET", path, headers=[(b"host", host)]
+    ).get_response(timeout=TIMEOUT)
+    response["headers"] = {
+        k.decode().lower(): v.decode() for k, v in response["headers"]
+    }
+    response["text"] = response["body"].decode()
+    return response
+
+
+@pytest.mark.asyncio
+async def test_root_redirects_to_lobby():
+    response = await http_get("/")
+    assert response["status"] == 302
+    assert response["headers"]["location"] == "/chat/"
+
+
+@pytest.mark.asyncio
+async def test_lobby_has_the_tutorials_controls():
+    response = await http_get("/chat/")
+    assert response["status"] == 200
+    for element in ('id="room-name-input"', 'id="room-name-submit"', "focus()"):
+        assert element in response["text"]
+    assert "<script src" not in response["text"] and "http://" not in response["text"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("room", ["room_1", "кафе-1", "東京", "café", "a" * 100])
+async def test_room_page_for_any_script(room):
+    response = await http_get(f"/chat/{quote(room)}/")
+    assert response["status"] == 200
+    for element in (
+        'id="chat-log"',
+        'id="chat-message-input"',
+        'id="chat-message-submit"',
+    ):
+        assert element in response["text"]
+    room_json = json.dumps(room).replace("<", "\\u003C")
+    assert (
+        f'<script id="room-name" type="application/json">{room_json}'
+        in (response["text"])
+    )
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/chat/a%20b/",
+        "/chat/" + "x" * 101 + "/",
+        "/chat/a/b/",
+        "/chat/%3Cb%3E/",
+        "/nope",
+    ],
+)
+async def test_bad_room_names_and_unknown_paths_are_plain_404s(path):
+    response = await http_get(path)
+    assert response["status"] == 404
+    assert "Traceback" not in response["text"] and "urlpatterns" not in response["text"]
+
+
+@pytest.mark.asyncio
+async def test_healthz_reports_memory_layer_and_pid():
+    response = await http_get("/healthz")
+    assert response["status"] == 200
+    assert json.loads(response["body"]) == {
+        "status": "ok",
+        "layer": "memory",
+        "pid": os.getpid(),
+    }
+
+
+@pytest.mark.asyncio
+async def test_pages_send_security_headers():
+    headers = (await http_get("/chat/lobby/"))["headers"]
+    assert headers["x-content-type-options"] == "nosniff"
+    assert headers["x-frame-options"] == "DENY"
+    assert headers["referrer-policy"]
+
+
+@pytest.mark.asyncio
+async def test_unknown_host_is_refused():
+    assert (await http_get("/chat/", host=b"evil.example"))["status"] == 400
+
+
+def test_debug_off_and_no_database():
+    assert chat.settings.DEBUG is False
+    assert chat.settings.DATABASES["default"]["ENGINE"] == "django.db.backends.dummy"
+
+
+def secret_key(env: dict) -> str:
+    code = "import chat; print(chat.settings.SECRET_KEY)"
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        cwd=HERE,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+
+
+def test_secret_key_is_random_per_start_unless_given():
+    first, second = secret_key({}), secret_key({})
+    assert first != second and len(first) >= 50
+    assert secret_key({"CHAT_SECRET_KEY": "given-key"}) == "given-key"
+
+
+# === Real-server tests ===
+
+
+def test_message_round_trip_through_a_real_server(live_server):
+    with (
+        live_server.websocket("round-trip") as alice,
+        live_server.websocket("round-trip") as bob,
+    ):
+        post(alice, "hi from alice")
+        assert next_frame(alice)["message"] == "hi from alice"
+        assert next_frame(bob)["message"] == "hi from alice"
+
+
+@pytest.mark.parametrize("origin", ["http://evil.example", None])
+def test_real_server_refuses_foreign_and_missing_origin(live_server, origin):
+    with pytest.raises(InvalidStatus) as refused:
+        live_server.websocket("round-trip", origin=origin)
+    assert refused.value.response.status_code == 403
+
+
+def test_real_server_serves_pages_and_healthz(live_server):
+    with urllib.request.urlopen(live_server.url + "/healthz", timeout=TIMEOUT) as r:
+        health = json.load(r)
+    assert health["status"] == "ok" and health["layer"] == "memory"
+    assert health["pid"] == live_server.proc.pid
+    with urllib.request.urlopen(live_server.url + "/", timeout=TIMEOUT) as r:
+        assert r.url == live_server.url + "/chat/"
+
+
+def test_banner_names_url_and_layer_and_ctrl_c_stops_cleanly():
+    server = ChatServer()
+    assert server.url.startswith("http://127.0.0.1:")
+    assert "in memory" in server.wait_for_line("chat.py: channel layer")
+    assert server.stop(signal.SIGINT) == 0
+    assert "Traceback" not in server.text
+
+
+def test_taken_port_is_one_clear_line_and_exit_1(live_server):
+    port = live_server.url.rsplit(":", 1)[1]
+    done = subprocess.run(
+        [sys.executable, "chat.py", "--port", port],
+        check=False,
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "Address already in use" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "args", [["--bogus"], ["--port", "eighty"], ["--redis", "redis://127.0.0.1:1/0"]]
+)
+def test_bad_flag_or_unreachable_redis_is_one_clear_line(args):
+    done = subprocess.run(
+        [sys.executable, "chat.py", "--port", "0", *args],
+        check=False,
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode != 0
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("chat.py: "), (
+        done.stderr
+    )
+    assert done.stdout == ""
+
+
+def test_help_documents_the_flags():
+    done = subprocess.run(
+        [sys.executable, "chat.py", "--help"],
+        check=False,
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0
+    for flag in ("--host", "--port", "--redis"):
+        assert flag in done.stdout
+
+
+def test_daphne_serves_chat_application():
+    port = free_port()
+    daphne = Process(
+        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]
+        + ["chat:application"]
+    )
+    try:
+        wait_until(lambda: port_answers(port), what="daphne chat:application")
+        with open_socket(f"http://127.0.0.1:{port}", "via-daphne") as ws:
+            post(ws, "served by daphne")
+            assert next_frame(ws)["message"] == "served by daphne"
+    finally:
+        daphne.stop()
+
+
+def port_answers(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_importing_chat_starts_nothing():
+    code = "import sys, chat; print('twisted.internet.reactor' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+    )
+    assert done.stdout.strip() == "False", done.stderr
+
+
+# === Redis tests ===
+
+IDLE = 10  # seconds: longer than channels-redis's 5 s BZPOPMIN and redis-py's timeout
+
+
+def test_two_processes_share_a_room_through_redis_even_after_idling(redis_server):
+    one, two = ChatServer("--redis", redis_server), ChatServer("--redis", redis_server)
+    try:
+        assert "Redis" in one.wait_for_line("chat.py: channel layer")
+        with one.websocket("shared") as alice, two.websocket("shared") as bob:
+            post(alice, "across processes")
+            assert next_frame(bob)["message"] == "across processes"
+            assert next_frame(alice)["message"] == "across processes"
+
+            time.sleep(IDLE)  # the scenario itself: both members sit idle
+
+            post(bob, "still there after idling")
+            assert next_frame(alice)["message"] == "still there after idling"
+            assert next_frame(bob)["message"] == "still there after idling"
+    finally:
+        one.stop()
+        two.stop()
+    assert "Traceback" not in one.text + two.text, one.text + two.text
+
+
+def test_redis_url_from_environment_and_healthz(redis_server):
+    server = ChatServer(env={"REDIS_URL": redis_server})
+    try:
+        with urllib.request.urlopen(server.url + "/healthz", timeout=TIMEOUT) as r:
+            assert json.load(r)["layer"] == "redis"
+    finally:
+        server.stop()
+
+
+def test_healthz_is_503_when_redis_is_gone():
+    import urllib.error
+
+    redis = RedisServer()
+    server = ChatServer("--redis", redis.url)
+    try:
+        redis.stop()
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(server.url + "/healthz", timeout=TIMEOUT)
+        assert answer.value.code == 503
+        assert json.load(answer.value)["status"] != "ok"
+    finally:
+        server.stop()
+        redis.stop()
+
+
+# === Browser tests: the Channels tutorial's own, as it wrote them ===
+
+
+@pytest.fixture(scope="class")
+def tutorial_test_case(request, live_server, chrome_driver):
+    """What ChannelsLiveServerTestCase gave the tutorial's tests."""
+    request.cls.live_server_url = live_server.url
+    request.cls.driver = chrome_driver
+
+
+@pytest.mark.usefixtures("tutorial_test_case")
+class ChatTests(unittest.TestCase):
+    def test_when_chat_message_posted_then_seen_by_everyone_in_same_room(self):
+        try:
+            self._enter_chat_room("room_1")
+
+            self._open_new_window()
+            self._enter_chat_room("room_1")
+
+            self._switch_to_window(0)
+            self._post_message("hello")
+            WebDriverWait(self.driver, 2).until(
+                lambda _: "hello" in self._chat_log_value,
+                "Message was not received by window 1 from window 1",
+            )
+            self._switch_to_window(1)
+            WebDriverWait(self.driver, 2).until(
+                lambda _: "hello" in self._chat_log_value,
+                "Message was not received by window 2 from window 1",
+            )
+        finally:
+            self._close_all_new_windows()
+
+    def test_when_chat_message_posted_then_not_seen_by_anyone_in_different_room(self):
+        try:
+            self._enter_chat_room("room_1")
+
+            self._open_new_window()
+            self._enter_chat_room("room_2")
+
+            self._switch_to_window(0)
+            self._post_message("hello")
+            WebDriverWait(self.driver, 2).until(
+                lambda _: "hello" in self._chat_log_value,
+                "Message was not received by window 1 from window 1",
+            )
+
+            self._switch_to_window(1)
+            self._post_message("world")
+            WebDriverWait(self.driver, 2).until(
+                lambda _: "world" in self._chat_log_value,
+                "Message was not received by window 2 from window 2",
+            )
+            self.assertTrue(
+                "hello" not in self._chat_log_value,
+                "Message was improperly received by window 2 from window 1",
+            )
+        finally:
+            self._close_all_new_windows()
+
+    # === Utility ===
+
+    def _enter_chat_room(self, room_name):
+        self.driver.get(self.live_server_url + "/chat/")
+        ActionChains(self.driver).send_keys(room_name, Keys.ENTER).perform()
+        WebDriverWait(self.driver, 2).until(
+            lambda _: room_name in self.driver.current_url
+        )
+
+    def _open_new_window(self):
+        self.driver.execute_script('window.open("about:blank", "_blank");')
+        self._switch_to_window(-1)
+
+    def _close_all_new_windows(self):
+        while len(self.driver.window_handles) > 1:
+            self._switch_to_window(-1)
+            self.driver.execute_script("window.close();")
+        if len(self.driver.window_handles) == 1:
+            self._switch_to_window(0)
+
+    def _switch_to_window(self, window_index):
+        self.driver.switch_to.window(self.driver.window_handles[window_index])
+
+    def _post_message(self, message):
+        ActionChains(self.driver).send_keys(message, Keys.ENTER).perform()
+
+    @property
+    def _chat_log_value(self):
+        return self.driver.find_element(
+            by=By.CSS_SELECTOR, value="#chat-log"
+        ).get_property("value")
+
+
+def test_chat_room_e2e(live_server, chrome_driver):
+    driver = chrome_driver
+
+    # Open the room form
+    driver.get(f"{live_server.url}/chat/")
+
+    # Type a room name and enter it
+    ActionChains(driver).send_keys("room_pytest", Keys.ENTER).perform()
+    WebDriverWait(driver, 3).until(lambda d: "room_pytest" in d.current_url)
+
+    # Send a message with Enter
+    ActionChains(driver).send_keys("hello from pytest", Keys.ENTER).perform()
+
+    # The message shows up in the log
+    def _has_message(d):
+        val = d.find_element(By.CSS_SELECTOR, "#chat-log").get_property("value")
+        return "hello from pytest" in val
+
+    WebDriverWait(driver, 3).until(_has_message)
+
+
+def test_unicode_room_in_the_browser(live_server, chrome_driver):
+    driver = chrome_driver
+    driver.get(f"{live_server.url}/chat/")
+    ActionChains(driver).send_keys("кафе-1", Keys.ENTER).perform()
+    WebDriverWait(driver, 3).until(lambda d: quote("кафе-1") in d.current_url)
+    WebDriverWait(driver, 3).until(
+        lambda d: d.find_element(By.ID, "status").text == "connected"
+    )
+    ActionChains(driver).send_keys("привет", Keys.ENTER).perform()
+    WebDriverWait(driver, 3).until(
+        lambda d: "привет" in d.find_element(By.ID, "chat-log").get_property("value")
+    )
