@@ -302,7 +302,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     room_group_name: str | None = None
 
     async def connect(self):
-        self.room_name = self.scope["url_route"]["kwargs"]["room_name"]
+        self.room_name = self.scope["url_route"]["kwargs"].get("room_name", "")
         if not is_valid_room(self.room_name):
             await self.close()  # before accept(): the handshake is refused (403)
             return
@@ -349,6 +349,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
 websocket_urlpatterns = [
     re_path(r"^ws/chat/(?P<room_name>[^/]+)/$", ChatConsumer.as_asgi()),
+    # Any other path reaches the consumer without a room, and is refused there.
+    re_path(r"", ChatConsumer.as_asgi()),
 ]
 
 application = ProtocolTypeRouter(

@@ -159,6 +159,7 @@ def live_server():
     server = ChatServer()
     yield server
     server.stop()
+    assert "Traceback" not in server.text, server.text
 
 
 @pytest.fixture(scope="session")
@@ -542,6 +543,17 @@ def test_help_documents_the_flags():
     assert done.returncode == 0
     for flag in ("--host", "--port", "--redis"):
         assert flag in done.stdout
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/ws/nope/", "/ws/chat/a/b/", "/ws/chat/a%2Fb/", "/ws/chat//", "/ws/chat/%ZZ/"],
+)
+def test_real_server_refuses_bad_websocket_paths_without_a_traceback(live_server, path):
+    host = live_server.url.split("://", 1)[1]
+    with pytest.raises(InvalidStatus) as refused:
+        connect(f"ws://{host}{path}", origin=live_server.url, open_timeout=5)
+    assert refused.value.response.status_code == 403  # its log is checked at the end
 
 
 def test_daphne_serves_chat_application():
