@@ -21,18 +21,26 @@ URL (--redis URL or REDIS_URL) and any number of chat.py processes share the sam
 # Imports #####################################################################
 
 import argparse
+import asyncio
+import functools
 import hashlib
+import json
 import os
 import secrets
 import socket
 import sys
 import time
 import unicodedata
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from urllib.parse import parse_qs
 
 import django
 import redis
 import redis.asyncio
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from channels.layers import get_channel_layer
 from channels.routing import ProtocolTypeRouter, URLRouter
 from channels.security.websocket import AllowedHostsOriginValidator
 from django.conf import settings
@@ -45,7 +53,16 @@ from django.views.generic import RedirectView
 # Configuration ###############################################################
 
 MAX_MESSAGE = 2000  #: characters per chat message
+MAX_NAME = 32  #: characters per nickname
 MAX_ROOM_NAME = 100  #: characters per room name
+MAX_LISTED = 100  #: names in a member list (the count is always exact)
+HISTORY_SIZE = 100  #: messages kept per room for late joiners and reconnects
+ROOM_IDLE = 6 * 3600  #: seconds after which an unused room's history is forgotten
+PRESENCE_DELAY = 0.25  #: seconds joins and leaves are gathered into one frame
+TYPING_INTERVAL = 2  #: seconds between "is typing" frames of one member
+MEMBER_TTL = 30  #: seconds a member of a vanished process stays listed (Redis)
+LOBBY_SIZE = 50  #: rooms listed in the lobby
+LOBBY_REFRESH = 3  #: seconds between the lobby's updates
 CHANNEL_CAPACITY = 100  #: messages a member's channel holds before the layer drops more
 
 #: How chat.py talks to Redis. channels-redis waits in BZPOPMIN for 5 s at a time, so a
@@ -99,20 +116,33 @@ if not settings.configured:
 # Templates ###################################################################
 
 STYLE = """
-  :root { color-scheme: light dark; --accent: #0b63ce; --muted: #667; }
+  :root { color-scheme: light dark; --accent: #0b63ce; --muted: #5b6170; --line: #c8ccd4; }
+  @media (prefers-color-scheme: dark) {
+    :root { --accent: #4c9bff; --muted: #a3a9b6; --line: #3a3f4a; }
+  }
   * { box-sizing: border-box; }
-  body { margin: 0; font: 1.15rem/1.5 system-ui, sans-serif; }
-  main { max-width: 52rem; margin: 0 auto; padding: 1rem; display: flex;
-         flex-direction: column; gap: .6rem; height: 100dvh; }
-  h1 { margin: 0; font-size: 1.6rem; }
-  input, button, textarea { font: inherit; }
-  input[type=text] { flex: 1; min-width: 0; padding: .5rem .7rem; }
-  input[type=button] { padding: .5rem 1.2rem; background: var(--accent); color: #fff;
-                       border: 0; border-radius: .4rem; cursor: pointer; }
-  .row { display: flex; gap: .5rem; }
-  #chat-log { flex: 1; width: 100%; resize: none; padding: .7rem; }
-  #status { color: var(--muted); font-size: 1rem; }
-  @media (prefers-color-scheme: dark) { :root { --accent: #3b8bf0; --muted: #aab; } }
+  body { margin: 0; font: 1.15rem/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; }
+  main { max-width: 60rem; margin: 0 auto; padding: .8rem; height: 100dvh;
+         display: flex; flex-direction: column; gap: .5rem; }
+  header { display: flex; flex-wrap: wrap; align-items: baseline; gap: .2rem 1rem; }
+  h1 { margin: 0; font-size: 1.7rem; overflow-wrap: anywhere; }
+  h2 { margin: .6rem 0 .2rem; font-size: 1.2rem; }
+  label { font-weight: 600; }
+  input, textarea { font: inherit; }
+  input[type=text] { flex: 1; min-width: 0; padding: .45rem .6rem;
+                     border: 1px solid var(--line); border-radius: .4rem; }
+  input[type=button] { padding: .45rem 1.1rem; border: 0; border-radius: .4rem;
+                       background: var(--accent); color: #fff; cursor: pointer; }
+  .row { display: flex; gap: .5rem; align-items: center; }
+  .muted, #status, #typing { color: var(--muted); font-size: 1rem; }
+  #chat-log { flex: 1; min-height: 6rem; width: 100%; resize: none; padding: .6rem;
+              border: 1px solid var(--line); border-radius: .4rem; }
+  #members { display: flex; flex-wrap: wrap; gap: .3rem .9rem; margin: 0; padding: 0;
+             list-style: none; font-size: 1rem; max-height: 4.5rem; overflow: auto; }
+  #members li::before { content: "● "; color: #2a9d55; }
+  #typing { min-height: 1.4em; }
+  #rooms { padding-left: 1.2rem; }
+  #rooms a { color: var(--accent); }
 """
 
 LOBBY_PAGE = """<!DOCTYPE html>
@@ -128,20 +158,54 @@ LOBBY_PAGE = """<!DOCTYPE html>
   <h1>Chat rooms</h1>
   <label for="room-name-input">What chat room would you like to enter?</label>
   <div class="row">
-    <input id="room-name-input" type="text" maxlength="100" autocomplete="off">
+    <input id="room-name-input" type="text" maxlength="{{ max_room }}" autocomplete="off">
     <input id="room-name-submit" type="button" value="Enter">
   </div>
+  <label for="name-input">Your name <span class="muted">(optional)</span></label>
+  <div class="row">
+    <input id="name-input" type="text" maxlength="{{ max_name }}" autocomplete="nickname">
+  </div>
+  <h2>Active rooms</h2>
+  <ul id="rooms" aria-live="polite"><li class="muted">none yet</li></ul>
 </main>
 <script>
   const roomInput = document.querySelector('#room-name-input');
+  const nameInput = document.querySelector('#name-input');
+  nameInput.value = localStorage.getItem('chat-name') || '';
+  nameInput.onchange = () => localStorage.setItem('chat-name', nameInput.value.trim());
+
   roomInput.focus();
   roomInput.onkeyup = function (e) {
     if (e.key === 'Enter') document.querySelector('#room-name-submit').click();
   };
   document.querySelector('#room-name-submit').onclick = function () {
+    localStorage.setItem('chat-name', nameInput.value.trim());
     const roomName = roomInput.value.trim();
     if (roomName) window.location.pathname = '/chat/' + encodeURIComponent(roomName) + '/';
   };
+
+  // The active rooms, refreshed every few seconds.
+  async function showRooms() {
+    try {
+      const rooms = (await (await fetch('/chat/rooms.json')).json()).rooms;
+      const items = rooms.map(function (room) {
+        const link = document.createElement('a');
+        link.href = '/chat/' + encodeURIComponent(room.name) + '/';
+        link.textContent = room.name;
+        const item = document.createElement('li');
+        item.append(link, ' — ' + room.count + ' online');
+        return item;
+      });
+      if (!items.length) {
+        items.push(document.createElement('li'));
+        items[0].textContent = 'none yet';
+        items[0].className = 'muted';
+      }
+      document.querySelector('#rooms').replaceChildren(...items);
+    } catch (error) { /* offline: keep the last list */ }
+  }
+  showRooms();
+  setInterval(showRooms, {{ lobby_refresh_ms }});
 </script>
 </body>
 </html>
@@ -151,18 +215,29 @@ ROOM_PAGE = """<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="viewport" content="width=device-width, initial-scale=1, interactive-widget=resizes-content">
 <title>{{ room_name }} · chat</title>
 <style>{{ style }}</style>
 </head>
 <body>
 <main>
-  <h1>{{ room_name }}</h1>
-  <div id="status" role="status">connecting…</div>
-  <label for="chat-log" class="row">Messages</label>
-  <textarea id="chat-log" readonly aria-live="polite"></textarea>
+  <header>
+    <h1>{{ room_name }}</h1>
+    <div id="status" role="status">connecting…</div>
+    <a href="/chat/" class="muted">all rooms</a>
+  </header>
   <div class="row">
-    <label for="chat-message-input" hidden>Message</label>
+    <label for="name-input">Your name</label>
+    <input id="name-input" type="text" maxlength="{{ max_name }}" autocomplete="nickname">
+  </div>
+  <section aria-label="Who is online">
+    <span id="member-count" class="muted"></span>
+    <ul id="members"></ul>
+  </section>
+  <textarea id="chat-log" readonly aria-label="Messages" aria-live="polite"></textarea>
+  <div id="typing" aria-live="off"></div>
+  <div class="row">
+    <label for="chat-message-input">Message</label>
     <input id="chat-message-input" type="text" maxlength="{{ max_message }}" autocomplete="off"
            placeholder="Type a message, press Enter">
     <input id="chat-message-submit" type="button" value="Send">
@@ -174,31 +249,119 @@ ROOM_PAGE = """<!DOCTYPE html>
   const log = document.querySelector('#chat-log');
   const status = document.querySelector('#status');
   const messageInput = document.querySelector('#chat-message-input');
+  const nameInput = document.querySelector('#name-input');
+  nameInput.value = localStorage.getItem('chat-name') || '';
 
-  const chatSocket = new WebSocket(
-    (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host +
-    '/ws/chat/' + encodeURIComponent(roomName) + '/'
-  );
-  chatSocket.onopen = function () { status.textContent = 'connected'; };
-  chatSocket.onclose = function () { status.textContent = 'disconnected — reload to rejoin'; };
+  let chatSocket = null;
+  let online = false;      // true from "welcome" until the socket closes
+  let lastId = 0;          // the newest message shown: we resume after it
+  let epoch = '';          // changes when the room's numbering starts again
+  let retries = 0;
+  let me = '';             // our name, as the server knows it
+  let lastTyping = 0;
+  let typingTimer = null;
+  const outbox = [];       // what was typed while offline
 
-  // Every server frame carries a readable "message"; errors are marked as such.
-  chatSocket.onmessage = function (e) {
-    const data = JSON.parse(e.data);
-    const line = data.type === 'error' ? '⚠ ' + data.message : data.message;
-    log.value += line + '\\n';
+  function addLine(text) {
+    log.value += text + '\\n';
     log.scrollTop = log.scrollHeight;
+  }
+  function clock(ts) {
+    return new Date(ts).toLocaleTimeString([], {hour: '2-digit', minute: '2-digit', hour12: false});
+  }
+  function setStatus(text) {
+    status.textContent = text + (outbox.length ? ' — ' + outbox.length + ' waiting to send' : '');
+  }
+  function showMembers(frame) {
+    document.querySelector('#member-count').textContent = frame.count + ' online:';
+    document.querySelector('#members').replaceChildren(...[...frame.members].sort().map(function (name) {
+      const item = document.createElement('li');
+      item.textContent = name;
+      return item;
+    }));
+  }
+  function adoptEpoch(newEpoch) {
+    if (newEpoch !== epoch) { epoch = newEpoch; lastId = 0; }
+  }
+
+  const handlers = {
+    message(frame) {
+      adoptEpoch(frame.epoch);
+      if (frame.id <= lastId) return;                          // already shown
+      if (lastId && frame.id > lastId + 1) { chatSocket.close(); return; }  // a gap: resume
+      lastId = frame.id;
+      addLine(clock(frame.ts) + ' ' + frame.user + ': ' + frame.message);
+    },
+    welcome(frame) {
+      adoptEpoch(frame.epoch);
+      online = true;
+      retries = 0;
+      me = frame.user;
+      showMembers(frame);
+      while (outbox.length) chatSocket.send(JSON.stringify(outbox.shift()));
+      setStatus('connected as ' + me);
+    },
+    join(frame) { addLine('→ ' + frame.message); showMembers(frame); },
+    leave(frame) { addLine('← ' + frame.message); showMembers(frame); },
+    rename(frame) {
+      addLine('✎ ' + frame.message);
+      showMembers(frame);
+      if (frame.old === me) { me = frame.user; setStatus('connected as ' + me); }
+    },
+    typing(frame) {
+      document.querySelector('#typing').textContent = frame.message;
+      clearTimeout(typingTimer);
+      typingTimer = setTimeout(() => { document.querySelector('#typing').textContent = ''; }, 3000);
+    },
+    error(frame) { addLine('⚠ ' + frame.message); },
   };
+
+  function connect() {
+    const query = new URLSearchParams({since: lastId, epoch: epoch});
+    if (nameInput.value.trim()) query.set('name', nameInput.value.trim());
+    chatSocket = new WebSocket(
+      (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host +
+      '/ws/chat/' + encodeURIComponent(roomName) + '/?' + query
+    );
+    chatSocket.onmessage = function (e) {
+      const frame = JSON.parse(e.data);
+      (handlers[frame.type] || handlers.error)(frame);
+    };
+    chatSocket.onclose = function () {
+      online = false;
+      // Back off (0.5 s, 1 s, 2 s … 15 s) with jitter, so a restarted server is not stampeded.
+      const delay = Math.min(15000, 500 * 2 ** retries++) * (0.5 + Math.random());
+      setStatus('offline — reconnecting in ' + Math.ceil(delay / 1000) + ' s');
+      setTimeout(connect, delay);
+    };
+  }
+
+  function send(frame) {
+    if (online) chatSocket.send(JSON.stringify(frame));
+    else if (frame.message) { outbox.push(frame); setStatus('offline'); }
+  }
 
   messageInput.focus();
   messageInput.onkeyup = function (e) {
     if (e.key === 'Enter') document.querySelector('#chat-message-submit').click();
   };
+  messageInput.oninput = function () {
+    if (Date.now() - lastTyping > {{ typing_interval_ms }}) {
+      lastTyping = Date.now();
+      send({type: 'typing'});
+    }
+  };
   document.querySelector('#chat-message-submit').onclick = function () {
-    if (!messageInput.value.trim() || chatSocket.readyState !== WebSocket.OPEN) return;
-    chatSocket.send(JSON.stringify({message: messageInput.value}));
+    if (!messageInput.value.trim()) return;
+    send({message: messageInput.value});
+    lastTyping = 0;
     messageInput.value = '';
   };
+  nameInput.onchange = function () {
+    localStorage.setItem('chat-name', nameInput.value.trim());
+    if (nameInput.value.trim()) send({type: 'rename', name: nameInput.value.trim()});
+  };
+  connect();
 </script>
 </body>
 </html>
@@ -207,7 +370,7 @@ ROOM_PAGE = """<!DOCTYPE html>
 lobby_template = engines["django"].from_string(LOBBY_PAGE)
 room_template = engines["django"].from_string(ROOM_PAGE)
 
-# Rooms #######################################################################
+# Rooms: names, history and presence ##########################################
 
 
 def is_valid_room(name: str) -> bool:
@@ -222,48 +385,311 @@ def group_name(room: str) -> str:
 
     Hashing keeps look-alike names ('cafe' with a Cyrillic 'с', or 'é' vs 'e') apart.
     """
-    return "room." + hashlib.sha256(room.encode()).hexdigest()[:32]
+    return "room." + room_key(room)
+
+
+def room_key(room: str) -> str:
+    return hashlib.sha256(room.encode()).hexdigest()[:32]
+
+
+def clean_name(raw: str) -> str:
+    """A nickname on one line, without control characters, at most MAX_NAME long."""
+    kept = "".join(
+        ch for ch in raw if ch.isspace() or unicodedata.category(ch)[0] != "C"
+    )
+    return " ".join(kept.split())[:MAX_NAME].strip() or guest_name()
+
+
+def guest_name() -> str:
+    return f"guest-{secrets.randbelow(9000) + 1000}"
+
+
+def new_epoch() -> str:
+    return secrets.token_hex(4)
+
+
+@dataclass
+class Presence:
+    count: int
+    names: list[str]  # at most MAX_LISTED of them
+
+
+@dataclass
+class MemoryRoom:
+    epoch: str = field(default_factory=new_epoch)
+    last_id: int = 0
+    history: deque = field(default_factory=lambda: deque(maxlen=HISTORY_SIZE))
+    members: dict[str, str] = field(default_factory=dict)  # channel name -> nickname
+    used: float = field(default_factory=time.monotonic)
+
+
+class MemoryRooms:
+    """Rooms of a single process: bounded history, members, and the ids of messages."""
+
+    def __init__(self):
+        self.rooms: dict[str, MemoryRoom] = {}
+
+    def room(self, name: str) -> MemoryRoom:
+        room = self.rooms.get(name) or self.rooms.setdefault(name, MemoryRoom())
+        room.used = time.monotonic()
+        return room
+
+    async def post(self, name: str, frame: dict) -> dict:
+        room = self.room(name)
+        room.last_id += 1
+        frame = {**frame, "id": room.last_id, "epoch": room.epoch}
+        room.history.append(frame)
+        return frame
+
+    async def recent(self, name: str, since: int, epoch: str) -> tuple[str, int, list]:
+        """The room's epoch, its last id, and its kept messages after `since`."""
+        room = self.room(name)
+        since = since if epoch == room.epoch else 0
+        return room.epoch, room.last_id, [f for f in room.history if f["id"] > since]
+
+    async def join(self, name: str, channel: str, nickname: str) -> Presence:
+        self.forget_idle_rooms()
+        self.room(name).members[channel] = nickname
+        return await self.presence(name)
+
+    async def leave(self, name: str, channel: str) -> Presence:
+        self.room(name).members.pop(channel, None)
+        return await self.presence(name)
+
+    async def rename(self, name: str, channel: str, nickname: str) -> Presence:
+        self.room(name).members[channel] = nickname
+        return await self.presence(name)
+
+    async def presence(self, name: str) -> Presence:
+        members = self.room(name).members
+        return Presence(len(members), list(members.values())[:MAX_LISTED])
+
+    async def active(self) -> list[tuple[str, int]]:
+        self.forget_idle_rooms()
+        return [(name, len(r.members)) for name, r in self.rooms.items() if r.members]
+
+    def forget_idle_rooms(self) -> None:
+        idle_since = time.monotonic() - ROOM_IDLE
+        for name, room in list(self.rooms.items()):
+            if not room.members and room.used < idle_since:
+                del self.rooms[name]
+
+
+class RedisRooms:
+    """The same rooms kept in Redis, so that every chat.py process shares them.
+
+    Per room: a hash (epoch, last id), a sorted set of messages scored by id, and a
+    sorted set of members scored by when they expire. Each process keeps its own
+    members alive; a member of a process that died expires and is announced as gone.
+    Every key expires after ROOM_IDLE without use.
+    """
+
+    # One script, so an id is never handed out without its message being in history:
+    # whoever sees message n can always find n-1 there.
+    POST = """
+        redis.call('HSETNX', KEYS[1], 'epoch', ARGV[2])
+        local frame = cjson.decode(ARGV[1])
+        frame['id'] = redis.call('HINCRBY', KEYS[1], 'last_id', 1)
+        frame['epoch'] = redis.call('HGET', KEYS[1], 'epoch')
+        local encoded = cjson.encode(frame)
+        redis.call('ZADD', KEYS[2], frame['id'], encoded)
+        redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -1 - tonumber(ARGV[3]))
+        redis.call('EXPIRE', KEYS[1], ARGV[4])
+        redis.call('EXPIRE', KEYS[2], ARGV[4])
+        return encoded
+    """
+    # Removes expired members and returns them, so exactly one process announces each.
+    PRUNE = """
+        local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 500)
+        if #gone > 0 then redis.call('ZREM', KEYS[1], unpack(gone)) end
+        return gone
+    """
+
+    def __init__(self, url: str):
+        self.redis = redis.asyncio.Redis.from_url(
+            url, decode_responses=True, **REDIS_OPTIONS
+        )
+        self.post_script = self.redis.register_script(self.POST)
+        self.prune_script = self.redis.register_script(self.PRUNE)
+        self.local: dict[
+            str, dict[str, str]
+        ] = {}  # room -> our channels -> member entry
+        self.keeper: asyncio.Task | None = None
+
+    @staticmethod
+    def keys(name: str) -> tuple[str, str, str]:
+        prefix = f"chat:{room_key(name)}"
+        return f"{prefix}:room", f"{prefix}:history", f"{prefix}:members"
+
+    async def post(self, name: str, frame: dict) -> dict:
+        room, history, _ = self.keys(name)
+        args = [json.dumps(frame), new_epoch(), HISTORY_SIZE, ROOM_IDLE]
+        return json.loads(await self.post_script(keys=[room, history], args=args))
+
+    async def recent(self, name: str, since: int, epoch: str) -> tuple[str, int, list]:
+        room, history, _ = self.keys(name)
+        async with self.redis.pipeline() as pipe:
+            pipe.hsetnx(room, "epoch", new_epoch()).expire(room, ROOM_IDLE)
+            pipe.hmget(room, "epoch", "last_id")
+            (room_epoch, last_id) = (await pipe.execute())[-1]
+        since = since if epoch == room_epoch else 0
+        kept = await self.redis.zrange(history, f"({since}", "+inf", byscore=True)
+        return room_epoch, int(last_id or 0), [json.loads(entry) for entry in kept]
+
+    async def join(self, name: str, channel: str, nickname: str) -> Presence:
+        entry = f"{channel}\n{nickname}"
+        self.local.setdefault(name, {})[channel] = entry
+        await self.redis.zadd(self.keys(name)[2], {entry: time.time() + MEMBER_TTL})
+        await self.redis.zadd("chat:rooms", {name: time.time()})
+        if self.keeper is None:
+            self.keeper = asyncio.create_task(self.keep_members_alive())
+        return await self.presence(name)
+
+    async def leave(self, name: str, channel: str) -> Presence:
+        ours = self.local.get(name, {})
+        entry = ours.pop(channel, None)
+        if not ours:
+            self.local.pop(name, None)
+        if entry:
+            await self.redis.zrem(self.keys(name)[2], entry)
+        return await self.presence(name)
+
+    async def rename(self, name: str, channel: str, nickname: str) -> Presence:
+        await self.leave(name, channel)
+        return await self.join(name, channel, nickname)
+
+    async def presence(self, name: str) -> Presence:
+        members = self.keys(name)[2]
+        await self.prune(name)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(members).zrange(members, 0, MAX_LISTED - 1).expire(
+                members, ROOM_IDLE
+            )
+            count, entries, _ = await pipe.execute()
+        return Presence(count, [entry.split("\n", 1)[1] for entry in entries])
+
+    async def active(self) -> list[tuple[str, int]]:
+        await self.redis.zremrangebyscore("chat:rooms", "-inf", time.time() - ROOM_IDLE)
+        rooms = await self.redis.zrevrange("chat:rooms", 0, LOBBY_SIZE - 1)
+        counts = [(await self.presence(name)).count for name in rooms]
+        return [(name, count) for name, count in zip(rooms, counts) if count]
+
+    async def prune(self, name: str) -> None:
+        """Drop members whose process stopped keeping them alive, and say they left."""
+        gone = await self.prune_script(keys=[self.keys(name)[2]], args=[time.time()])
+        for entry in gone:
+            announce(name, "leave", entry.split("\n", 1)[1])
+
+    async def keep_members_alive(self) -> None:
+        while True:
+            await asyncio.sleep(MEMBER_TTL / 3)
+            try:
+                for name, entries in list(self.local.items()):
+                    expiry = time.time() + MEMBER_TTL
+                    members = self.keys(name)[2]
+                    await self.redis.zadd(
+                        members, dict.fromkeys(entries.values(), expiry)
+                    )
+                    await self.prune(name)
+            except redis.RedisError as error:
+                print(
+                    f"chat.py: cannot refresh members in Redis: {error}",
+                    file=sys.stderr,
+                )
+
+
+@functools.cache
+def rooms() -> MemoryRooms | RedisRooms:
+    """This process's rooms: in Redis when the chat has a Redis URL, else in memory."""
+    url = settings.CHAT_REDIS_URL
+    return RedisRooms(url) if url else MemoryRooms()
+
+
+# Presence news: joins and leaves of a room within PRESENCE_DELAY go out together,
+# so 1,000 members arriving cost a few frames per member rather than 1,000.
+pending_news: dict[str, dict[str, list[str]]] = {}
+
+
+def announce(room: str, kind: str, nickname: str) -> None:
+    """Queue a "join" or "leave" of a room; it is sent with others after a moment."""
+    if room not in pending_news:
+        pending_news[room] = {"join": [], "leave": []}
+        asyncio.get_running_loop().call_later(PRESENCE_DELAY, send_news_soon, room)
+    pending_news[room][kind].append(nickname)
+
+
+def send_news_soon(room: str) -> None:
+    task = asyncio.ensure_future(send_news(room, pending_news.pop(room)))
+    running_tasks.add(task)  # asyncio keeps only weak references to tasks
+    task.add_done_callback(running_tasks.discard)
+
+
+running_tasks: set[asyncio.Task] = set()
+
+
+async def send_news(room: str, news: dict[str, list[str]]) -> None:
+    presence = await rooms().presence(room)
+    layer = get_channel_layer()
+    for kind, names in news.items():
+        if names:
+            frame = presence_frame(kind, names, presence)
+            await layer.group_send(
+                group_name(room), {"type": "chat.frame", "frame": frame}
+            )
 
 
 # HTTP views ##################################################################
 
 
 def lobby(request):
-    return HttpResponse(lobby_template.render({"style": STYLE}))
+    context = {
+        "style": STYLE,
+        "max_room": MAX_ROOM_NAME,
+        "max_name": MAX_NAME,
+        "lobby_refresh_ms": LOBBY_REFRESH * 1000,
+    }
+    return HttpResponse(lobby_template.render(context))
+
+
+async def active_rooms(request):
+    """The lobby's list: active rooms, busiest first, with their member counts."""
+    active = sorted(await rooms().active(), key=lambda room: -room[1])[:LOBBY_SIZE]
+    return JsonResponse({"rooms": [{"name": n, "count": c} for n, c in active]})
 
 
 def room(request, room_name: str):
     if not is_valid_room(room_name):
         raise Http404("No such room")
-    context = {"style": STYLE, "room_name": room_name, "max_message": MAX_MESSAGE}
+    context = {
+        "style": STYLE,
+        "room_name": room_name,
+        "max_message": MAX_MESSAGE,
+        "max_name": MAX_NAME,
+        "typing_interval_ms": TYPING_INTERVAL * 1000,
+    }
     return HttpResponse(room_template.render(context))
 
 
 async def healthz(request):
     """200 while the channel layer works, 503 when its Redis is unreachable."""
-    redis_url = settings.CHAT_REDIS_URL
-    reachable = await redis_answers(redis_url) if redis_url else True
+    reachable = True
+    if settings.CHAT_REDIS_URL:
+        try:
+            reachable = await asyncio.wait_for(rooms().redis.ping(), timeout=2)
+        except (TimeoutError, redis.RedisError, OSError):
+            reachable = False
     body = {
         "status": "ok" if reachable else "unavailable",
-        "layer": "redis" if redis_url else "memory",
+        "layer": "redis" if settings.CHAT_REDIS_URL else "memory",
         "pid": os.getpid(),
     }
     return JsonResponse(body, status=200 if reachable else 503)
 
 
-async def redis_answers(redis_url: str) -> bool:
-    client = redis.asyncio.Redis.from_url(redis_url, socket_timeout=2)
-    try:
-        return await client.ping()
-    except (redis.RedisError, OSError):
-        return False
-    finally:
-        await client.aclose()
-
-
 urlpatterns = [
     path("", RedirectView.as_view(url="/chat/")),
     path("chat/", lobby),
+    path("chat/rooms.json", active_rooms),
     path("chat/<str:room_name>/", room),
     path("healthz", healthz),
 ]
@@ -271,9 +697,53 @@ urlpatterns = [
 # The consumer ################################################################
 
 
-def message_frame(text: str) -> dict:
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    return {"type": "message", "message": text, "ts": now}
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+def chat_frame(user: str, text: str) -> dict:
+    """A message as posted; the room's store adds its "id" and "epoch"."""
+    return {"type": "message", "message": text, "user": user, "ts": now()}
+
+
+def presence_frame(kind: str, names: list[str], presence: Presence) -> dict:
+    shown = ", ".join(names[:3]) + (
+        f" and {len(names) - 3} more" if len(names) > 3 else ""
+    )
+    return {
+        "type": kind,
+        "message": f"{shown} {'joined' if kind == 'join' else 'left'}",
+        "user": names[0],
+        "users": names[:MAX_LISTED],
+        "count": presence.count,
+        "members": presence.names,
+    }
+
+
+def welcome_frame(room: str, user: str, presence: Presence, epoch: str) -> dict:
+    return {
+        "type": "welcome",
+        "message": f"Welcome to {room}, {user}! {presence.count} online.",
+        "user": user,
+        "count": presence.count,
+        "members": presence.names,
+        "epoch": epoch,
+    }
+
+
+def rename_frame(old: str, new: str, presence: Presence) -> dict:
+    return {
+        "type": "rename",
+        "message": f"{old} is now {new}",
+        "user": new,
+        "old": old,
+        "count": presence.count,
+        "members": presence.names,
+    }
+
+
+def typing_frame(user: str) -> dict:
+    return {"type": "typing", "message": f"{user} is typing…", "user": user}
 
 
 def error_frame(why: str) -> dict:
@@ -281,12 +751,12 @@ def error_frame(why: str) -> dict:
 
 
 class Refused(Exception):
-    """A client frame the server will not relay; its text says why."""
+    """A client frame the server will not act on; its text says why."""
 
 
-def message_text(content) -> str:
+def message_text(content: dict) -> str:
     """The text of a client's {"message": ...} frame, or Refused saying what is wrong."""
-    text = content.get("message") if isinstance(content, dict) else None
+    text = content.get("message")
     if not isinstance(text, str):
         raise Refused('expected a JSON object like {"message": "hello"}')
     if not text.strip():
@@ -298,23 +768,48 @@ def message_text(content) -> str:
     return text
 
 
+def query_params(scope) -> tuple[str, int, str]:
+    """?name=, ?since= and ?epoch= of the WebSocket's URL."""
+    query = parse_qs(scope["query_string"].decode("latin-1"))
+    name, since, epoch = (query.get(key, [""])[0] for key in ("name", "since", "epoch"))
+    return name, int(since) if since.isdecimal() else 0, epoch
+
+
 class ChatConsumer(AsyncJsonWebsocketConsumer):
-    room_group_name: str | None = None
+    room_name: str | None = None  # set once the handshake is accepted
 
     async def connect(self):
-        self.room_name = self.scope["url_route"]["kwargs"].get("room_name", "")
-        if not is_valid_room(self.room_name):
+        room_name = self.scope["url_route"]["kwargs"].get("room_name", "")
+        if not is_valid_room(room_name):
             await self.close()  # before accept(): the handshake is refused (403)
             return
-        self.room_group_name = group_name(self.room_name)
+        name, since, epoch = query_params(self.scope)
+        self.room_name, self.room_group_name = room_name, group_name(room_name)
+        self.user = clean_name(name)
+        self.last_typing = 0.0
         await self.channel_layer.group_add(self.room_group_name, self.channel_name)
         await self.accept()
+        await self.send_history(since, epoch)
+        presence = await rooms().join(self.room_name, self.channel_name, self.user)
+        await self.send_json(
+            welcome_frame(self.room_name, self.user, presence, self.epoch)
+        )
+        announce(self.room_name, "join", self.user)
+
+    async def send_history(self, since: int, epoch: str) -> None:
+        """Replay what the member missed, then expect the message after it."""
+        self.epoch, last_id, missed = await rooms().recent(self.room_name, since, epoch)
+        for frame in missed:
+            await self.send_json(frame)
+        self.next_id = max([last_id] + [frame["id"] for frame in missed]) + 1
 
     async def disconnect(self, close_code):
-        if self.room_group_name:
+        if self.room_name:
             await self.channel_layer.group_discard(
                 self.room_group_name, self.channel_name
             )
+            await rooms().leave(self.room_name, self.channel_name)
+            announce(self.room_name, "leave", self.user)
 
     # Frames from the browser: anything malformed is answered, never relayed.
     async def receive(self, text_data=None, bytes_data=None):
@@ -331,18 +826,68 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self.receive_json(content)
 
     async def receive_json(self, content):
+        kind = content.get("type", "message") if isinstance(content, dict) else None
+        handlers = {"message": self.post, "typing": self.typing, "rename": self.rename}
         try:
-            text = message_text(content)
+            if kind not in handlers:
+                raise Refused('expected a JSON object like {"message": "hello"}')
+            await handlers[kind](content)
         except Refused as why:
             await self.send_json(error_frame(str(why)))
-            return
+
+    async def post(self, content: dict) -> None:
+        frame = await rooms().post(
+            self.room_name, chat_frame(self.user, message_text(content))
+        )
         await self.channel_layer.group_send(
-            self.room_group_name, {"type": "chat.message", "frame": message_frame(text)}
+            self.room_group_name, {"type": "chat.message", "frame": frame}
         )
 
-    # Events from the room's group, one per message, for every member.
+    async def typing(self, content: dict) -> None:
+        if time.monotonic() - self.last_typing < TYPING_INTERVAL:
+            return  # the page sends one every few seconds; more is noise
+        self.last_typing = time.monotonic()
+        event = {"type": "chat.frame", "frame": typing_frame(self.user)}
+        await self.channel_layer.group_send(
+            self.room_group_name, {**event, "from": self.channel_name}
+        )
+
+    async def rename(self, content: dict) -> None:
+        if not isinstance(content.get("name"), str):
+            raise Refused('expected {"type": "rename", "name": "new name"}')
+        old, self.user = self.user, clean_name(content["name"])
+        if self.user != old:
+            presence = await rooms().rename(
+                self.room_name, self.channel_name, self.user
+            )
+            frame = rename_frame(old, self.user, presence)
+            await self.channel_layer.group_send(
+                self.room_group_name, {"type": "chat.frame", "frame": frame}
+            )
+
+    # Events from the room's group.
     async def chat_message(self, event):
-        await self.send_json(event["frame"])
+        """A message, sent in id order: one that overtook another (they can, when two
+        processes post at once) brings the ones before it out of the history."""
+        frame = event["frame"]
+        if frame["epoch"] != self.epoch:  # the room started over: follow it
+            self.epoch, self.next_id = frame["epoch"], frame["id"]
+        if frame["id"] < self.next_id:
+            return  # already sent
+        missed = [frame]
+        if frame["id"] > self.next_id:
+            missed = (
+                await rooms().recent(self.room_name, self.next_id - 1, self.epoch)
+            )[2]
+        for frame in missed:
+            if frame["id"] >= self.next_id:
+                await self.send_json(frame)
+                self.next_id = frame["id"] + 1
+
+    async def chat_frame(self, event):
+        """Presence, renames and typing: passed on as they are (typing not to its typist)."""
+        if event.get("from") != self.channel_name:
+            await self.send_json(event["frame"])
 
 
 # Routing and application #####################################################

@@ -213,32 +213,60 @@ def chrome_driver():
         driver.quit()
 
 
+# Consumer tests share one event loop, as the consumers of one server do.
+asyncio_test = pytest.mark.asyncio(loop_scope="session")
 ORIGIN = [(b"origin", b"http://127.0.0.1:8000"), (b"host", b"127.0.0.1:8000")]
 
 
-def communicator(room: str, headers=ORIGIN) -> WebsocketCommunicator:
-    return WebsocketCommunicator(chat.application, f"/ws/chat/{room}/", headers)
+def communicator(room: str, headers=ORIGIN, **query) -> WebsocketCommunicator:
+    path = f"/ws/chat/{quote(room)}/"
+    if query:
+        path += "?" + "&".join(f"{k}={quote(str(v))}" for k, v in query.items())
+    return WebsocketCommunicator(chat.application, path, headers)
 
 
-async def joined(room: str) -> WebsocketCommunicator:
-    member = communicator(room)
+async def joined(room: str, **query) -> WebsocketCommunicator:
+    """A member who has connected and been welcomed; `.history` is what came before."""
+    member = communicator(room, **query)
     connected, _ = await member.connect()
     assert connected, f"could not join room {room!r}"
+    member.history = []
+    while (frame := await member.receive_json_from(timeout=TIMEOUT))[
+        "type"
+    ] != "welcome":
+        member.history.append(frame)
+    member.welcome = frame
     return member
 
 
 async def next_json(member: WebsocketCommunicator, frame_type: str = "message"):
+    """The next frame of a type, skipping frames of other types."""
     while True:
         frame = await member.receive_json_from(timeout=TIMEOUT)
         if frame["type"] == frame_type:
             return frame
 
 
-@pytest_asyncio.fixture
+async def frames_within(member: WebsocketCommunicator, seconds: float) -> list[dict]:
+    """Every frame that arrives within a short window (to show what did NOT arrive)."""
+    frames = []
+    while not await member.receive_nothing(timeout=seconds):
+        frames.append(await member.receive_json_from())
+    return frames
+
+
+async def no_message_within(member: WebsocketCommunicator, seconds: float = 0.3):
+    return not [
+        f for f in await frames_within(member, seconds) if f["type"] == "message"
+    ]
+
+
+@pytest_asyncio.fixture(loop_scope="session")
 async def fresh_layer():
-    """Each consumer test starts with an empty in-memory channel layer."""
+    """Each consumer test starts with an empty channel layer and no rooms."""
     layer = get_channel_layer()
     await layer.flush()
+    chat.rooms.cache_clear()
     yield layer
     await layer.flush()
 
@@ -246,7 +274,7 @@ async def fresh_layer():
 # === Consumer tests ===
 
 
-@pytest.mark.asyncio
+@asyncio_test
 async def test_both_members_receive_a_message_sender_included(fresh_layer):
     alice, bob = await joined("lobby-1"), await joined("lobby-1")
     await alice.send_json_to({"message": "hello"})
@@ -258,17 +286,17 @@ async def test_both_members_receive_a_message_sender_included(fresh_layer):
     await bob.disconnect()
 
 
-@pytest.mark.asyncio
+@asyncio_test
 async def test_member_of_another_room_does_not_receive(fresh_layer):
     alice, carol = await joined("room_a"), await joined("room_b")
     await alice.send_json_to({"message": "for room a"})
     assert (await next_json(alice))["message"] == "for room a"
-    assert await carol.receive_nothing(timeout=0.2), "room_b got room_a's message"
+    assert await no_message_within(carol), "room_b got room_a's message"
     await alice.disconnect()
     await carol.disconnect()
 
 
-@pytest.mark.asyncio
+@asyncio_test
 @pytest.mark.parametrize(
     "one, other",
     [
@@ -283,7 +311,7 @@ async def test_look_alike_unicode_rooms_stay_apart(fresh_layer, one, other):
     first, second = await joined(one), await joined(other)
     await first.send_json_to({"message": f"only in {one}"})
     assert (await next_json(first))["message"] == f"only in {one}"
-    assert await second.receive_nothing(timeout=0.2), f"{other!r} got {one!r}'s message"
+    assert await no_message_within(second), f"{other!r} got {one!r}'s message"
     await first.disconnect()
     await second.disconnect()
 
@@ -311,16 +339,16 @@ MALFORMED = [
 ]
 
 
-@pytest.mark.asyncio
+@asyncio_test
 @pytest.mark.parametrize("kind, data", MALFORMED)
 async def test_malformed_frame_gets_error_and_socket_still_works(
     fresh_layer, kind, data
 ):
     sender, other = await joined("strict"), await joined("strict")
     await sender.send_to(**{f"{kind}_data": data})
-    error = await sender.receive_json_from(timeout=TIMEOUT)
-    assert error["type"] == "error" and error["message"], error
-    assert await other.receive_nothing(timeout=0.1), "a malformed frame was relayed"
+    error = await next_json(sender, "error")
+    assert error["message"], error
+    assert await no_message_within(other, 0.1), "a malformed frame was relayed"
 
     await sender.send_json_to({"message": "still here"})
     assert (await next_json(sender))["message"] == "still here"
@@ -329,14 +357,14 @@ async def test_malformed_frame_gets_error_and_socket_still_works(
     await other.disconnect()
 
 
-@pytest.mark.asyncio
+@asyncio_test
 @pytest.mark.parametrize("room", ["a%20b", "x" * 101, "semi;colon", "dot.dot"])
 async def test_invalid_room_name_refuses_the_handshake(fresh_layer, room):
     connected, _ = await communicator(room).connect()
     assert not connected
 
 
-@pytest.mark.asyncio
+@asyncio_test
 @pytest.mark.parametrize(
     "headers",
     [
@@ -348,6 +376,197 @@ async def test_invalid_room_name_refuses_the_handshake(fresh_layer, room):
 async def test_foreign_or_missing_origin_is_refused(fresh_layer, headers):
     connected, _ = await communicator("lobby", headers).connect()
     assert not connected
+
+
+# --- Names, ids, history and resume ---
+
+
+@asyncio_test
+async def test_messages_carry_consecutive_ids_user_and_time(fresh_layer):
+    ana = await joined("ids", name="ana")
+    for text in ("one", "two", "three"):
+        await ana.send_json_to({"message": text})
+    frames = [await next_json(ana) for _ in range(3)]
+    assert [f["id"] for f in frames] == [1, 2, 3]
+    assert {f["user"] for f in frames} == {"ana"}
+    assert all(f["ts"].endswith("Z") and "T" in f["ts"] for f in frames)
+    assert len({f["epoch"] for f in frames}) == 1
+    await ana.disconnect()
+
+
+@asyncio_test
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("  ana  ", "ana"),
+        ("a\u0000n\u200ea\tb", "ana b"),
+        ("x" * 100, "x" * chat.MAX_NAME),
+        ("Зоя 東", "Зоя 東"),
+    ],
+)
+async def test_nicknames_are_trimmed_cleaned_and_limited(fresh_layer, raw, expected):
+    member = await joined("names", name=raw)
+    assert member.welcome["user"] == expected
+    await member.disconnect()
+
+
+@asyncio_test
+async def test_without_a_name_a_guest_name_is_generated(fresh_layer):
+    one, two = await joined("guests"), await joined("guests", name="   ")
+    assert one.welcome["user"].startswith("guest-")
+    assert two.welcome["user"].startswith("guest-")
+    await one.disconnect()
+    await two.disconnect()
+
+
+@asyncio_test
+async def test_late_joiner_sees_history_then_welcome(fresh_layer):
+    ana = await joined("late", name="ana")
+    for n in range(chat.HISTORY_SIZE + 5):
+        await ana.send_json_to({"message": f"m{n}"})
+    for _ in range(chat.HISTORY_SIZE + 5):
+        await next_json(ana)
+    bob = await joined("late", name="bob")
+    ids = [f["id"] for f in bob.history]
+    assert ids == list(range(6, chat.HISTORY_SIZE + 6)), "history is bounded, in order"
+    assert bob.history[-1]["message"] == f"m{chat.HISTORY_SIZE + 4}"
+    assert bob.welcome["count"] == 2 and sorted(bob.welcome["members"]) == [
+        "ana",
+        "bob",
+    ]
+    await ana.disconnect()
+    await bob.disconnect()
+
+
+@asyncio_test
+async def test_reconnect_with_since_gets_exactly_the_missed_messages(fresh_layer):
+    ana = await joined("resume", name="ana")
+    for text in ("a", "b", "c", "d", "e"):
+        await ana.send_json_to({"message": text})
+    frames = [await next_json(ana) for _ in range(5)]
+    epoch = frames[0]["epoch"]
+    bob = await joined("resume", name="bob", since=2, epoch=epoch)
+    assert [f["message"] for f in bob.history] == ["c", "d", "e"]
+    assert bob.welcome["epoch"] == epoch
+    await ana.send_json_to({"message": "f"})
+    assert (await next_json(bob))["id"] == 6
+    await ana.disconnect()
+    await bob.disconnect()
+
+
+@asyncio_test
+async def test_since_from_another_epoch_replays_everything(fresh_layer):
+    ana = await joined("epochs", name="ana")
+    await ana.send_json_to({"message": "new numbering"})
+    await next_json(ana)
+    bob = await joined("epochs", since=40, epoch="gone")
+    assert [f["message"] for f in bob.history] == ["new numbering"]
+    assert bob.welcome["epoch"] != "gone"
+    await ana.disconnect()
+    await bob.disconnect()
+
+
+@asyncio_test
+async def test_a_message_that_overtakes_another_brings_it_from_history(fresh_layer):
+    """Two processes posting at once: message n+1 may arrive before n."""
+    ana = await joined("overtake", name="ana")
+    first = await chat.rooms().post("overtake", chat.chat_frame("zed", "first"))
+    second = await chat.rooms().post("overtake", chat.chat_frame("zed", "second"))
+    event = {"type": "chat.message", "frame": second}
+    await fresh_layer.group_send(chat.group_name("overtake"), event)
+    got = [await next_json(ana), await next_json(ana)]
+    assert [f["id"] for f in got] == [first["id"], second["id"]]
+    await fresh_layer.group_send(chat.group_name("overtake"), {**event, "frame": first})
+    assert await no_message_within(ana), "a message was delivered twice"
+    await ana.disconnect()
+
+
+@asyncio_test
+async def test_idle_rooms_are_forgotten_in_memory(fresh_layer, monkeypatch):
+    ana = await joined("idle", name="ana")
+    await ana.send_json_to({"message": "soon forgotten"})
+    old = await next_json(ana)
+    await ana.disconnect()
+    monkeypatch.setattr(chat, "ROOM_IDLE", 0)
+    assert "idle" not in dict(await chat.rooms().active())
+    assert "idle" not in chat.rooms().rooms
+    bob = await joined("idle", name="bob", since=old["id"], epoch=old["epoch"])
+    assert bob.history == [] and bob.welcome["epoch"] != old["epoch"]
+    await bob.disconnect()
+
+
+# --- Presence, renames, typing ---
+
+
+@asyncio_test
+async def test_join_and_leave_frames_carry_the_member_list(fresh_layer):
+    ana = await joined("presence", name="ana")
+    await next_json(ana, "join")  # her own arrival
+    bob = await joined("presence", name="bob")
+    join = await next_json(ana, "join")
+    assert join["user"] == "bob" and join["users"] == ["bob"]
+    assert join["count"] == 2 and sorted(join["members"]) == ["ana", "bob"]
+    assert "bob" in join["message"]
+    await bob.disconnect()
+    leave = await next_json(ana, "leave")
+    assert (
+        leave["user"] == "bob" and leave["count"] == 1 and leave["members"] == ["ana"]
+    )
+    await ana.disconnect()
+
+
+@asyncio_test
+async def test_presence_is_coalesced_when_many_join_at_once(fresh_layer):
+    ana = await joined("crowd", name="ana")
+    crowd = [await joined("crowd", name=f"m{n}") for n in range(60)]
+    frames = await frames_within(ana, 1.0)
+    joins = [f for f in frames if f["type"] == "join"]
+    assert 1 <= len(joins) <= 4, f"{len(joins)} join frames for 61 arrivals"
+    assert sum(len(f["users"]) for f in joins) == 61
+    assert joins[-1]["count"] == 61 and len(joins[-1]["members"]) == 61
+    for member in crowd:
+        await member.disconnect()
+    leaves = [f for f in await frames_within(ana, 1.0) if f["type"] == "leave"]
+    assert 1 <= len(leaves) <= 4 and leaves[-1]["count"] == 1
+    await ana.disconnect()
+
+
+@asyncio_test
+async def test_member_list_is_capped_but_count_is_exact(fresh_layer, monkeypatch):
+    monkeypatch.setattr(chat, "MAX_LISTED", 3)
+    members = [await joined("capped", name=f"m{n}") for n in range(5)]
+    assert members[-1].welcome["count"] == 5
+    assert len(members[-1].welcome["members"]) == 3
+    for member in members:
+        await member.disconnect()
+
+
+@asyncio_test
+async def test_rename_without_reconnecting(fresh_layer):
+    ana, bob = await joined("rename", name="ana"), await joined("rename", name="bob")
+    await ana.send_json_to({"type": "rename", "name": "  Anna  "})
+    renamed = await next_json(bob, "rename")
+    assert (renamed["old"], renamed["user"]) == ("ana", "Anna")
+    assert sorted(renamed["members"]) == ["Anna", "bob"]
+    await ana.send_json_to({"message": "it is me"})
+    assert (await next_json(bob))["user"] == "Anna"
+    await ana.send_json_to({"type": "rename", "name": 7})
+    assert (await next_json(ana, "error"))["message"]
+    await ana.disconnect()
+    await bob.disconnect()
+
+
+@asyncio_test
+async def test_typing_reaches_others_throttled_and_never_the_transcript(fresh_layer):
+    ana, bob = await joined("typing", name="ana"), await joined("typing", name="bob")
+    await ana.send_json_to({"type": "typing"})
+    typing = await next_json(bob, "typing")
+    assert typing["user"] == "ana" and "typing" in typing["message"]
+    await ana.send_json_to({"type": "typing"})  # within TYPING_INTERVAL: dropped
+    assert not [f for f in await frames_within(bob, 0.3) if f["type"] == "typing"]
+    assert not [f for f in await frames_within(ana, 0.1) if f["type"] == "typing"]
+    await ana.disconnect()
+    await bob.disconnect()
 
 
 # === HTTP tests ===
@@ -364,14 +583,14 @@ async def http_get(path: str, host: bytes = b"127.0.0.1:8000") -> dict:
     return response
 
 
-@pytest.mark.asyncio
+@asyncio_test
 async def test_root_redirects_to_lobby():
     response = await http_get("/")
     assert response["status"] == 302
     assert response["headers"]["location"] == "/chat/"
 
 
-@pytest.mark.asyncio
+@asyncio_test
 async def test_lobby_has_the_tutorials_controls():
     response = await http_get("/chat/")
     assert response["status"] == 200
@@ -380,7 +599,7 @@ async def test_lobby_has_the_tutorials_controls():
     assert "<script src" not in response["text"] and "http://" not in response["text"]
 
 
-@pytest.mark.asyncio
+@asyncio_test
 @pytest.mark.parametrize("room", ["room_1", "кафе-1", "東京", "café", "a" * 100])
 async def test_room_page_for_any_script(room):
     response = await http_get(f"/chat/{quote(room)}/")
@@ -398,7 +617,7 @@ async def test_room_page_for_any_script(room):
     )
 
 
-@pytest.mark.asyncio
+@asyncio_test
 @pytest.mark.parametrize(
     "path",
     [
@@ -415,7 +634,18 @@ async def test_bad_room_names_and_unknown_paths_are_plain_404s(path):
     assert "Traceback" not in response["text"] and "urlpatterns" not in response["text"]
 
 
-@pytest.mark.asyncio
+@asyncio_test
+async def test_lobby_lists_active_rooms_with_counts(fresh_layer):
+    one, two = await joined("busy"), await joined("busy")
+    three = await joined("quiet")
+    listed = json.loads((await http_get("/chat/rooms.json"))["body"])["rooms"]
+    assert listed[:2] == [{"name": "busy", "count": 2}, {"name": "quiet", "count": 1}]
+    for member in (one, two, three):
+        await member.disconnect()
+    assert json.loads((await http_get("/chat/rooms.json"))["body"])["rooms"] == []
+
+
+@asyncio_test
 async def test_healthz_reports_memory_layer_and_pid():
     response = await http_get("/healthz")
     assert response["status"] == 200
@@ -426,7 +656,7 @@ async def test_healthz_reports_memory_layer_and_pid():
     }
 
 
-@pytest.mark.asyncio
+@asyncio_test
 async def test_pages_send_security_headers():
     headers = (await http_get("/chat/lobby/"))["headers"]
     assert headers["x-content-type-options"] == "nosniff"
@@ -434,7 +664,7 @@ async def test_pages_send_security_headers():
     assert headers["referrer-policy"]
 
 
-@pytest.mark.asyncio
+@asyncio_test
 async def test_unknown_host_is_refused():
     assert (await http_get("/chat/", host=b"evil.example"))["status"] == 400
 
@@ -761,7 +991,7 @@ def test_unicode_room_in_the_browser(live_server, chrome_driver):
     ActionChains(driver).send_keys("кафе-1", Keys.ENTER).perform()
     WebDriverWait(driver, 3).until(lambda d: quote("кафе-1") in d.current_url)
     WebDriverWait(driver, 3).until(
-        lambda d: d.find_element(By.ID, "status").text == "connected"
+        lambda d: d.find_element(By.ID, "status").text.startswith("connected")
     )
     ActionChains(driver).send_keys("привет", Keys.ENTER).perform()
     WebDriverWait(driver, 3).until(
