@@ -60,10 +60,12 @@ HISTORY_SIZE = 100  #: messages kept per room for late joiners and reconnects
 ROOM_IDLE = 6 * 3600  #: seconds after which an unused room's history is forgotten
 PRESENCE_DELAY = 0.25  #: seconds joins and leaves are gathered into one frame
 TYPING_INTERVAL = 2  #: seconds between "is typing" frames of one member
-MEMBER_TTL = 30  #: seconds a member of a vanished process stays listed (Redis)
+MEMBER_TTL = 20  #: seconds a member of a vanished process stays listed (Redis)
 LOBBY_SIZE = 50  #: rooms listed in the lobby
 LOBBY_REFRESH = 3  #: seconds between the lobby's updates
-CHANNEL_CAPACITY = 100  #: messages a member's channel holds before the layer drops more
+CHANNEL_CAPACITY = (
+    1000  #: messages a member's channel holds before the layer drops more
+)
 
 #: How chat.py talks to Redis. channels-redis waits in BZPOPMIN for 5 s at a time, so a
 #: socket timeout of 5 s or less (redis-py 8's default) kills every idle member with a
@@ -447,6 +449,9 @@ class MemoryRooms:
         since = since if epoch == room.epoch else 0
         return room.epoch, room.last_id, [f for f in room.history if f["id"] > since]
 
+    async def between(self, name: str, first: int, last: int) -> list[dict]:
+        return [f for f in self.room(name).history if first <= f["id"] <= last]
+
     async def join(self, name: str, channel: str, nickname: str) -> Presence:
         self.forget_idle_rooms()
         self.room(name).members[channel] = nickname
@@ -536,11 +541,16 @@ class RedisRooms:
         kept = await self.redis.zrange(history, f"({since}", "+inf", byscore=True)
         return room_epoch, int(last_id or 0), [json.loads(entry) for entry in kept]
 
+    async def between(self, name: str, first: int, last: int) -> list[dict]:
+        kept = await self.redis.zrange(self.keys(name)[1], first, last, byscore=True)
+        return [json.loads(entry) for entry in kept]
+
     async def join(self, name: str, channel: str, nickname: str) -> Presence:
         entry = f"{channel}\n{nickname}"
         self.local.setdefault(name, {})[channel] = entry
         await self.redis.zadd(self.keys(name)[2], {entry: time.time() + MEMBER_TTL})
         await self.redis.zadd("chat:rooms", {name: time.time()})
+        await self.redis.expire("chat:rooms", ROOM_IDLE)
         if self.keeper is None:
             self.keeper = asyncio.create_task(self.keep_members_alive())
         return await self.presence(name)
@@ -802,6 +812,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         for frame in missed:
             await self.send_json(frame)
         self.next_id = max([last_id] + [frame["id"] for frame in missed]) + 1
+        self.waiting: dict[int, dict] = {}  # messages that arrived before their turn
 
     async def disconnect(self, close_code):
         if self.room_name:
@@ -867,22 +878,25 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     # Events from the room's group.
     async def chat_message(self, event):
-        """A message, sent in id order: one that overtook another (they can, when two
-        processes post at once) brings the ones before it out of the history."""
+        """Messages go out in id order. One can overtake another when two processes
+        post at once: the ones it overtook are then taken from the history, or, when
+        this reader is so far behind that the history no longer has them, awaited."""
         frame = event["frame"]
         if frame["epoch"] != self.epoch:  # the room started over: follow it
-            self.epoch, self.next_id = frame["epoch"], frame["id"]
+            self.epoch, self.next_id, self.waiting = frame["epoch"], frame["id"], {}
         if frame["id"] < self.next_id:
             return  # already sent
-        missed = [frame]
-        if frame["id"] > self.next_id:
-            missed = (
-                await rooms().recent(self.room_name, self.next_id - 1, self.epoch)
-            )[2]
-        for frame in missed:
-            if frame["id"] >= self.next_id:
-                await self.send_json(frame)
-                self.next_id = frame["id"] + 1
+        if frame["id"] > self.next_id and not self.waiting:
+            for missed in await rooms().between(
+                self.room_name, self.next_id, frame["id"]
+            ):
+                self.waiting[missed["id"]] = missed
+        self.waiting[frame["id"]] = frame
+        if self.next_id not in self.waiting and len(self.waiting) > HISTORY_SIZE:
+            self.next_id = min(self.waiting)  # the layer lost it; the page will notice
+        while self.next_id in self.waiting:
+            await self.send_json(self.waiting.pop(self.next_id))
+            self.next_id += 1
 
     async def chat_frame(self, event):
         """Presence, renames and typing: passed on as they are (typing not to its typist)."""

@@ -482,6 +482,22 @@ async def test_a_message_that_overtakes_another_brings_it_from_history(fresh_lay
 
 
 @asyncio_test
+async def test_a_reader_far_behind_waits_for_the_overtaken_message(fresh_layer):
+    """When the history no longer holds the overtaken message, it is awaited."""
+    ana = await joined("far-behind", name="ana")
+    first = await chat.rooms().post("far-behind", chat.chat_frame("zed", "first"))
+    second = await chat.rooms().post("far-behind", chat.chat_frame("zed", "second"))
+    chat.rooms().rooms["far-behind"].history.clear()  # as if trimmed long ago
+    group = chat.group_name("far-behind")
+    await fresh_layer.group_send(group, {"type": "chat.message", "frame": second})
+    assert await no_message_within(ana), "sent before the message it overtook"
+    await fresh_layer.group_send(group, {"type": "chat.message", "frame": first})
+    got = [await next_json(ana), await next_json(ana)]
+    assert [f["message"] for f in got] == ["first", "second"]
+    await ana.disconnect()
+
+
+@asyncio_test
 async def test_idle_rooms_are_forgotten_in_memory(fresh_layer, monkeypatch):
     ana = await joined("idle", name="ana")
     await ana.send_json_to({"message": "soon forgotten"})
@@ -869,6 +885,122 @@ def test_healthz_is_503_when_redis_is_gone():
     finally:
         server.stop()
         redis.stop()
+
+
+@pytest.fixture
+def two_servers(redis_server):
+    """Two chat.py processes sharing one Redis."""
+    servers = [ChatServer("--redis", redis_server) for _ in range(2)]
+    yield servers
+    for server in servers:
+        server.stop()
+    for server in servers:
+        assert "Traceback" not in server.text, server.text
+
+
+def frames_until(ws, done, timeout: float = TIMEOUT) -> list[dict]:
+    """Frames from a real socket until `done(frame)` is true for one of them."""
+    frames, deadline = [], time.monotonic() + timeout
+    while not frames or not done(frames[-1]):
+        left = deadline - time.monotonic()
+        assert left > 0, f"gave up after {timeout} s; got {frames[-5:]}"
+        frames.append(json.loads(ws.recv(timeout=left)))
+    return frames
+
+
+def get_json(url: str):
+    with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+        return json.load(response)
+
+
+def test_presence_history_ids_and_lobby_are_shared_across_processes(two_servers):
+    one, two = two_servers
+    with (
+        one.websocket("shared-2", name="ana") as ana,
+        two.websocket("shared-2", name="bob") as bob,
+    ):
+        welcome = next_frame(bob, "welcome")
+        assert welcome["count"] == 2 and sorted(welcome["members"]) == ["ana", "bob"]
+        join = frames_until(ana, lambda f: f["type"] == "join" and "bob" in f["users"])
+        assert sorted(join[-1]["members"]) == ["ana", "bob"]
+
+        post(ana, "from one")
+        post(bob, "from two")
+        for ws in (ana, bob):
+            got = [next_frame(ws), next_frame(ws)]
+            assert [f["id"] for f in got] == [1, 2]
+            assert {f["message"] for f in got} == {"from one", "from two"}
+        for server in two_servers:
+            rooms = get_json(server.url + "/chat/rooms.json")["rooms"]
+            assert {"name": "shared-2", "count": 2} in rooms
+
+        with one.websocket("shared-2", name="cy") as cy:
+            history = frames_until(cy, lambda f: f["type"] == "welcome")[:-1]
+            assert [f["id"] for f in history] == [1, 2]
+
+
+def test_redis_keys_of_a_room_expire(two_servers, redis_server):
+    import redis
+
+    one, _ = two_servers
+    with one.websocket("expiring", name="ana") as ana:
+        post(ana, "kept for a while")
+        next_frame(ana)
+        client = redis.Redis.from_url(redis_server)
+        keys = client.keys("chat:*")
+        assert keys
+        for key in keys:
+            assert 0 < client.ttl(key) <= chat.ROOM_IDLE, key
+
+
+def test_order_holds_when_two_processes_post_at_once(two_servers):
+    one, two = two_servers
+    count = 300
+    with (
+        one.websocket("race", name="s1") as s1,
+        two.websocket("race", name="s2") as s2,
+        one.websocket("race", name="r1") as r1,
+        two.websocket("race", name="r2") as r2,
+    ):
+        for ws in (s1, s2, r1, r2):
+            next_frame(ws, "welcome")
+
+        def send_all(ws, who):
+            for n in range(count):
+                post(ws, f"{who}-{n}")
+
+        senders = [
+            threading.Thread(target=send_all, args=(s1, "s1")),
+            threading.Thread(target=send_all, args=(s2, "s2")),
+        ]
+        for thread in senders:
+            thread.start()
+        for thread in senders:
+            thread.join(TIMEOUT)
+        for ws in (r1, r2, s1, s2):
+            got = [next_frame(ws) for _ in range(2 * count)]
+            ids = [f["id"] for f in got]
+            assert ids == list(range(1, 2 * count + 1)), "out of order or missing"
+            for who in ("s1", "s2"):
+                mine = [
+                    int(f["message"].split("-")[1]) for f in got if f["user"] == who
+                ]
+                assert mine == list(range(count)), f"{who}'s messages out of order"
+
+
+def test_members_of_a_killed_process_vanish(two_servers):
+    one, two = two_servers
+    with one.websocket("crash", name="ana") as ana:
+        bob = two.websocket("crash", name="bob")
+        frames_until(ana, lambda f: f["type"] == "join" and "bob" in f["users"])
+        two.proc.kill()  # no goodbye: bob's process is simply gone
+        leave = frames_until(
+            ana, lambda f: f["type"] == "leave" and "bob" in f["users"], timeout=60
+        )[-1]
+        assert leave["members"] == ["ana"] and leave["count"] == 1
+        rooms = get_json(one.url + "/chat/rooms.json")["rooms"]
+        assert {"name": "crash", "count": 1} in rooms
+        bob.close_socket()
 
 
 # === Browser tests: the Channels tutorial's own, as it wrote them ===
