@@ -22,8 +22,10 @@ URL (--redis URL or REDIS_URL) and any number of chat.py processes share the sam
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import hashlib
+import ipaddress
 import json
 import os
 import secrets
@@ -34,7 +36,7 @@ import unicodedata
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 import django
 import redis
@@ -42,7 +44,7 @@ import redis.asyncio
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from channels.layers import get_channel_layer
 from channels.routing import ProtocolTypeRouter, URLRouter
-from channels.security.websocket import AllowedHostsOriginValidator
+from channels.security.websocket import WebsocketDenier
 from django.conf import settings
 from django.core.asgi import get_asgi_application
 from django.http import Http404, HttpResponse, JsonResponse
@@ -78,6 +80,29 @@ REDIS_OPTIONS = {
 }
 
 
+def machine_addresses() -> list[str]:
+    """The IPv4 addresses other machines may reach this one at: those its host name
+    resolves to, and the one its default route uses (connecting a UDP socket sends
+    nothing; it only picks the route)."""
+    found = {"127.0.0.1"}
+    with contextlib.suppress(OSError):
+        hostname = socket.gethostname()
+        found |= {i[4][0] for i in socket.getaddrinfo(hostname, None, socket.AF_INET)}
+    with (
+        contextlib.suppress(OSError),
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s,
+    ):
+        s.connect(("192.0.2.1", 9))  # a documentation address (RFC 5737)
+        found.add(s.getsockname()[0])
+    return sorted(found, key=lambda address: (address.startswith("127."), address))
+
+
+def own_host_names() -> list[str]:
+    """The names and addresses a browser may use for this machine (see HostCheck)."""
+    hostname = socket.gethostname().lower()
+    return ["localhost", hostname, f"{hostname}.local", *machine_addresses()]
+
+
 def channel_layers(redis_url: str | None) -> dict:
     """Channels' in-process layer by default; channels-redis when given a Redis URL."""
     if not redis_url:
@@ -101,7 +126,10 @@ if not settings.configured:
         DEBUG=False,
         # A fresh key per start is fine: nothing signed outlives the process.
         SECRET_KEY=os.environ.get("CHAT_SECRET_KEY") or secrets.token_urlsafe(50),
-        ALLOWED_HOSTS=["127.0.0.1", "localhost", "[::1]"],
+        # HostCheck (below) checks the Host of HTTP and WebSocket requests alike, and
+        # knows that every loopback address is this machine's: it replaces Django's check.
+        ALLOWED_HOSTS=["*"],
+        CHAT_HOSTS=own_host_names(),
         ROOT_URLCONF=__name__,
         MIDDLEWARE=[
             "django.middleware.security.SecurityMiddleware",
@@ -912,12 +940,47 @@ websocket_urlpatterns = [
     re_path(r"", ChatConsumer.as_asgi()),
 ]
 
+
+def is_own_host(host: str) -> bool:
+    """Does a Host header name this machine? A page that a DNS trick points at us
+    ("DNS rebinding") still names its own site, and is turned away."""
+    name = urlsplit(f"//{host}").hostname or ""
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return name in settings.CHAT_HOSTS
+    return address.is_loopback or name in settings.CHAT_HOSTS
+
+
+class HostCheck:
+    """Serve only requests addressed to this machine, and WebSockets only from pages
+    it served: their Origin must be the host the browser connected to, so another
+    site's page cannot open a socket in a visitor's name."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1").lower()
+        origin = urlsplit(headers.get(b"origin", b"").decode("latin-1")).netloc.lower()
+        if scope["type"] == "websocket" and (origin != host or not is_own_host(host)):
+            return await WebsocketDenier.as_asgi()(scope, receive, send)
+        if scope["type"] == "http" and not is_own_host(host):
+            return await refuse_http(send, 400, b"Bad Request: unknown host\n")
+        return await self.app(scope, receive, send)
+
+
+async def refuse_http(send, status: int, body: bytes) -> None:
+    headers = [(b"content-type", b"text/plain; charset=utf-8")]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 application = ProtocolTypeRouter(
     {
-        "http": get_asgi_application(),
-        # The browser's Origin header must name one of ALLOWED_HOSTS: other sites'
-        # pages cannot open a socket in the name of a visitor.
-        "websocket": AllowedHostsOriginValidator(URLRouter(websocket_urlpatterns)),
+        "http": HostCheck(get_asgi_application()),
+        "websocket": HostCheck(URLRouter(websocket_urlpatterns)),
     }
 )
 
@@ -942,6 +1005,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="URL",
         default=os.environ.get("REDIS_URL"),
         help="share rooms through this Redis (default: $REDIS_URL, else in memory)",
+    )
+    parser.add_argument(
+        "--allowed-host",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="one more host name to answer to, e.g. behind a proxy (repeatable)",
     )
     return parser.parse_args(argv)
 
@@ -981,10 +1051,15 @@ def daphne_endpoint(sock: socket.socket) -> str:
     return f"tcp6:port={port}:interface={interface}"
 
 
-def print_banner(url: str) -> None:
+def print_banner(host: str, port: int) -> None:
+    """Where to open the chat: with a wildcard host (workshop mode), every address
+    of this machine, so that people in the room can type one in."""
+    wildcard = host in ("0.0.0.0", "::", "")
+    hosts = machine_addresses() if wildcard else [f"[{host}]" if ":" in host else host]
+    for shown in hosts:
+        print(f"chat.py: open http://{shown}:{port}/chat/", flush=True)
     redis_url = settings.CHAT_REDIS_URL
     layer = f"Redis at {redis_url}" if redis_url else "in memory"
-    print(f"chat.py: open {url}", flush=True)
     print(f"chat.py: channel layer: {layer}. Ctrl-C stops.", flush=True)
 
 
@@ -993,11 +1068,9 @@ def main(argv: list[str] | None = None) -> None:
     use_redis(args.redis)
     if args.redis:
         check_redis(args.redis)
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    if host not in settings.ALLOWED_HOSTS:
-        settings.ALLOWED_HOSTS.append(host)
+    settings.CHAT_HOSTS += [args.host.lower(), *(h.lower() for h in args.allowed_host)]
     sock = listen(args.host, args.port)
-    url = f"http://{host}:{sock.getsockname()[1]}/chat/"
+    port = sock.getsockname()[1]
 
     # Importing Daphne's server installs Twisted's asyncio reactor: only when serving.
     from daphne.server import Server
@@ -1005,7 +1078,7 @@ def main(argv: list[str] | None = None) -> None:
     server = Server(
         application,
         endpoints=[daphne_endpoint(sock)],
-        ready_callable=lambda: print_banner(url),
+        ready_callable=lambda: print_banner(args.host, port),
         verbosity=0,
     )
     server.run()

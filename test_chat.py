@@ -120,12 +120,22 @@ class Process:
 
 
 class ChatServer(Process):
-    """`python chat.py --port 0 ...`; `url` is the address its banner printed."""
+    """`python chat.py --port 0 ...`. `urls` are the addresses its banner printed;
+    `url` is the loopback one (tests never talk to other addresses)."""
 
-    def __init__(self, *args: str, env: dict | None = None):
-        super().__init__([sys.executable, "chat.py", "--port", "0", *args], env=env)
-        banner = self.wait_for_line("chat.py: open ")
-        self.url = banner.removeprefix("chat.py: open ").removesuffix("/chat/")
+    def __init__(self, *args: str, port: int = 0, env: dict | None = None):
+        super().__init__(
+            [sys.executable, "chat.py", "--port", str(port), *args], env=env
+        )
+        self.urls = [
+            self.wait_for_line("chat.py: open ").split()[-1].removesuffix("/chat/")
+        ]
+        while not (line := self.wait_for_line("chat.py: ")).startswith(
+            "chat.py: channel"
+        ):
+            self.urls.append(line.split()[-1].removesuffix("/chat/"))
+        self.banner_layer = line
+        self.url = next(url for url in self.urls if "//127." in url or "[::1]" in url)
 
     def websocket(self, room: str, origin: str | None = "same", **query):
         return open_socket(self.url, room, origin, **query)
@@ -740,7 +750,7 @@ def test_real_server_serves_pages_and_healthz(live_server):
 def test_banner_names_url_and_layer_and_ctrl_c_stops_cleanly():
     server = ChatServer()
     assert server.url.startswith("http://127.0.0.1:")
-    assert "in memory" in server.wait_for_line("chat.py: channel layer")
+    assert "in memory" in server.banner_layer
     assert server.stop(signal.SIGINT) == 0
     assert "Traceback" not in server.text
 
@@ -802,6 +812,86 @@ def test_real_server_refuses_bad_websocket_paths_without_a_traceback(live_server
     assert refused.value.response.status_code == 403  # its log is checked at the end
 
 
+def test_resume_after_a_drop_gets_exactly_the_missed_messages(live_server):
+    with live_server.websocket("resume-real", name="ana") as ana:
+        with live_server.websocket("resume-real", name="bob") as bob:
+            post(ana, "before the drop")
+            seen = next_frame(bob)
+        for text in ("m1", "m2", "m3"):
+            post(ana, text)
+        frames_until(ana, lambda f: f.get("message") == "m3")
+        query = {"name": "bob", "since": seen["id"], "epoch": seen["epoch"]}
+        with live_server.websocket("resume-real", **query) as bob:
+            replay = frames_until(bob, lambda f: f["type"] == "welcome")
+            missed = [f for f in replay if f["type"] == "message"]
+            assert [f["message"] for f in missed] == ["m1", "m2", "m3"]
+            assert [f["id"] for f in missed] == [seen["id"] + n for n in (1, 2, 3)]
+            post(ana, "live again")
+            live = next_frame(bob)
+            assert (live["message"], live["id"]) == ("live again", seen["id"] + 4)
+
+
+def test_a_restarted_server_numbers_again_under_a_new_epoch():
+    port = free_port()
+    server = ChatServer(port=port)
+    try:
+        with server.websocket("restart", name="ana") as ana:
+            for text in ("old 1", "old 2"):
+                post(ana, text)
+            seen = [next_frame(ana), next_frame(ana)][-1]
+    finally:
+        server.stop()
+    server = ChatServer(port=port)
+    try:
+        query = {"since": seen["id"], "epoch": seen["epoch"]}
+        with server.websocket("restart", name="ana", **query) as ana:
+            welcome = next_frame(ana, "welcome")
+            assert welcome["epoch"] != seen["epoch"]
+            post(ana, "after the restart")
+            fresh = next_frame(ana)
+            assert fresh["id"] == 1 and fresh["epoch"] == welcome["epoch"]
+    finally:
+        server.stop()
+
+
+def test_workshop_mode_lists_urls_and_serves_any_own_address():
+    server = ChatServer("--host", "0.0.0.0")
+    try:
+        assert "http://127.0.0.1:" in " ".join(server.urls)
+        assert len(server.urls) >= 1 and all(
+            u.startswith("http://") for u in server.urls
+        )
+        second = server.url.replace("127.0.0.1", "127.0.0.2")
+        with open_socket(second, "workshop", name="guest") as ws:
+            assert next_frame(ws, "welcome")["user"] == "guest"
+        with urllib.request.urlopen(second + "/chat/", timeout=TIMEOUT) as page:
+            assert page.status == 200
+        with pytest.raises(InvalidStatus):  # a page of the first address, on the second
+            open_socket(second, "workshop", origin=server.url)
+        with pytest.raises(InvalidStatus):  # a page of another site
+            open_socket(second, "workshop", origin="http://evil.example")
+        rebinding = urllib.request.Request(
+            second + "/chat/", headers={"Host": "evil.example"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(rebinding, timeout=TIMEOUT)
+        assert refused.value.code == 400
+    finally:
+        server.stop()
+
+
+def test_allowed_host_flag_adds_a_name():
+    server = ChatServer("--allowed-host", "chat.example")
+    try:
+        request = urllib.request.Request(
+            server.url + "/chat/", headers={"Host": "chat.example"}
+        )
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as page:
+            assert page.status == 200
+    finally:
+        server.stop()
+
+
 def test_daphne_serves_chat_application():
     port = free_port()
     daphne = Process(
@@ -845,7 +935,7 @@ IDLE = 10  # seconds: longer than channels-redis's 5 s BZPOPMIN and redis-py's t
 def test_two_processes_share_a_room_through_redis_even_after_idling(redis_server):
     one, two = ChatServer("--redis", redis_server), ChatServer("--redis", redis_server)
     try:
-        assert "Redis" in one.wait_for_line("chat.py: channel layer")
+        assert "Redis" in one.banner_layer
         with one.websocket("shared") as alice, two.websocket("shared") as bob:
             post(alice, "across processes")
             assert next_frame(bob)["message"] == "across processes"
@@ -990,8 +1080,10 @@ def test_order_holds_when_two_processes_post_at_once(two_servers):
 
 def test_members_of_a_killed_process_vanish(two_servers):
     one, two = two_servers
-    with one.websocket("crash", name="ana") as ana:
-        bob = two.websocket("crash", name="bob")
+    with (
+        one.websocket("crash", name="ana") as ana,
+        two.websocket("crash", name="bob"),
+    ):
         frames_until(ana, lambda f: f["type"] == "join" and "bob" in f["users"])
         two.proc.kill()  # no goodbye: bob's process is simply gone
         leave = frames_until(
@@ -1000,7 +1092,6 @@ def test_members_of_a_killed_process_vanish(two_servers):
         assert leave["members"] == ["ana"] and leave["count"] == 1
         rooms = get_json(one.url + "/chat/rooms.json")["rooms"]
         assert {"name": "crash", "count": 1} in rooms
-        bob.close_socket()
 
 
 # === Browser tests: the Channels tutorial's own, as it wrote them ===
