@@ -11,6 +11,7 @@ when CI=true.
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -1220,3 +1221,197 @@ def test_unicode_room_in_the_browser(live_server, chrome_driver):
     WebDriverWait(driver, 3).until(
         lambda d: "привет" in d.find_element(By.ID, "chat-log").get_property("value")
     )
+
+
+# --- Browser tests of the features beyond the tutorial ---
+
+
+def enter_room(driver, base_url: str, room: str, name: str = "") -> None:
+    """Through the lobby, as a person would: a name (optional), a room, Enter."""
+    driver.get(base_url + "/chat/")
+    name_input = driver.find_element(By.ID, "name-input")
+    name_input.clear()
+    name_input.send_keys(name)
+    driver.find_element(By.ID, "room-name-input").send_keys(room, Keys.ENTER)
+    wait_in_browser(driver, lambda d: text_of(d, "status").startswith("connected"))
+
+
+def wait_in_browser(driver, condition, timeout: float = TIMEOUT, what: str = ""):
+    return WebDriverWait(driver, timeout).until(condition, what)
+
+
+def text_of(driver, element_id: str) -> str:
+    element = driver.find_element(By.ID, element_id)
+    return element.get_property("value") if element_id == "chat-log" else element.text
+
+
+def say(driver, text: str) -> None:
+    driver.find_element(By.ID, "chat-message-input").send_keys(text, Keys.ENTER)
+
+
+@pytest.fixture
+def browser(chrome_driver):
+    """The shared browser, left with one window and a desktop size afterwards."""
+    yield chrome_driver
+    while len(chrome_driver.window_handles) > 1:
+        chrome_driver.switch_to.window(chrome_driver.window_handles[-1])
+        chrome_driver.close()
+    chrome_driver.switch_to.window(chrome_driver.window_handles[0])
+    chrome_driver.set_window_size(1200, 900)
+
+
+def new_window(driver) -> None:
+    driver.switch_to.new_window("window")
+
+
+def test_room_shows_names_members_status_and_local_time(live_server, browser):
+    enter_room(browser, live_server.url, "names-room", name="ana")
+    assert text_of(browser, "status").startswith("connected as ana")
+    ana_window = browser.current_window_handle
+    new_window(browser)
+    enter_room(browser, live_server.url, "names-room", name="bob")
+    wait_in_browser(
+        browser, lambda d: {"ana", "bob"} <= set(text_of(d, "members").split())
+    )
+    say(browser, "hi all")
+
+    browser.switch_to.window(ana_window)
+    wait_in_browser(browser, lambda d: "→ bob joined" in text_of(d, "chat-log"))
+    log = wait_in_browser(
+        browser,
+        lambda d: "bob: hi all" in text_of(d, "chat-log") and text_of(d, "chat-log"),
+    )
+    assert re.search(r"^\d\d:\d\d bob: hi all$", log, re.MULTILINE), log
+    assert "bob" in text_of(browser, "members")
+
+    name_input = browser.find_element(By.ID, "name-input")
+    name_input.clear()
+    name_input.send_keys("anna", Keys.TAB)  # a change of name, without a reload
+    wait_in_browser(
+        browser, lambda d: text_of(d, "status").startswith("connected as anna")
+    )
+    browser.switch_to.window(browser.window_handles[-1])
+    wait_in_browser(browser, lambda d: "anna" in text_of(d, "members").split())
+    assert "ana is now anna" in text_of(browser, "chat-log")
+
+
+def test_typing_shows_in_the_room_but_not_in_the_transcript(live_server, browser):
+    enter_room(browser, live_server.url, "typing-room", name="writer")
+    writer = browser.current_window_handle
+    new_window(browser)
+    enter_room(browser, live_server.url, "typing-room", name="reader")
+    reader = browser.current_window_handle
+    browser.switch_to.window(writer)
+    browser.find_element(By.ID, "chat-message-input").send_keys("still writi")
+    browser.switch_to.window(reader)
+    wait_in_browser(browser, lambda d: "writer is typing" in text_of(d, "typing"))
+    assert "typing" not in text_of(browser, "chat-log")
+
+
+def test_page_reconnects_after_a_restart_and_sends_what_was_typed_offline(browser):
+    port = free_port()
+    server = ChatServer(port=port)
+    try:
+        enter_room(browser, server.url, "restarts", name="ana")
+        say(browser, "before the restart")
+        wait_in_browser(
+            browser, lambda d: "ana: before the restart" in text_of(d, "chat-log")
+        )
+        server.stop()
+        wait_in_browser(browser, lambda d: "offline" in text_of(d, "status"))
+        say(browser, "typed while offline")
+        wait_in_browser(browser, lambda d: "1 waiting" in text_of(d, "status"))
+        server = ChatServer(port=port)
+        wait_in_browser(
+            browser,
+            lambda d: "ana: typed while offline" in text_of(d, "chat-log"),
+            timeout=30,
+            what="the page did not come back",
+        )
+        say(browser, "after the restart")
+        wait_in_browser(
+            browser, lambda d: "ana: after the restart" in text_of(d, "chat-log")
+        )
+        log = text_of(browser, "chat-log")
+        assert log.count("typed while offline") == 1, log
+        assert log.count("before the restart") == 1, log
+        assert text_of(browser, "status") == "connected as ana"
+    finally:
+        server.stop()
+
+
+def test_lobby_lists_active_rooms_without_a_reload(live_server, browser):
+    browser.get(live_server.url + "/chat/")
+    lobby = browser.current_window_handle
+    new_window(browser)
+    enter_room(browser, live_server.url, "lobby-live", name="visitor")
+    browser.switch_to.window(lobby)
+    wait_in_browser(
+        browser,
+        lambda d: "lobby-live — 1 online" in text_of(d, "rooms"),
+        timeout=5,
+        what="the lobby did not show the new room within 5 s",
+    )
+
+
+def test_a_window_through_another_loopback_address_chats(browser):
+    server = ChatServer("--host", "0.0.0.0")
+    try:
+        second = server.url.replace("127.0.0.1", "127.0.0.2")
+        enter_room(browser, server.url, "workshop", name="teacher")
+        teacher = browser.current_window_handle
+        new_window(browser)
+        enter_room(browser, second, "workshop", name="student")
+        say(browser, "hello from 127.0.0.2")
+        browser.switch_to.window(teacher)
+        wait_in_browser(
+            browser, lambda d: "student: hello from 127.0.0.2" in text_of(d, "chat-log")
+        )
+    finally:
+        server.stop()
+
+
+def test_room_fits_a_phone_with_the_input_visible(live_server, browser):
+    browser.set_window_size(390, 844)
+    enter_room(browser, live_server.url, "phone", name="pocket")
+    for n in range(40):  # a long transcript must not push the input away
+        say(browser, f"line {n}")
+    wait_in_browser(browser, lambda d: "pocket: line 39" in text_of(d, "chat-log"))
+    fits = browser.execute_script(
+        """const box = document.querySelector('#chat-message-input').getBoundingClientRect();
+           return [box.top >= 0 && box.bottom <= window.innerHeight,
+                   document.documentElement.scrollWidth <= window.innerWidth];"""
+    )
+    assert fits == [True, True], "the input is off screen, or the page scrolls sideways"
+
+
+def test_page_resumes_exactly_once_after_its_process_restarts_on_redis(
+    redis_server, browser
+):
+    port = free_port()
+    home, other = ChatServer("--redis", redis_server, port=port), None
+    try:
+        other = ChatServer("--redis", redis_server)
+        enter_room(browser, home.url, "resume-redis", name="ana")
+        say(browser, "before")
+        wait_in_browser(browser, lambda d: "ana: before" in text_of(d, "chat-log"))
+        home.stop()
+        wait_in_browser(browser, lambda d: "offline" in text_of(d, "status"))
+        with other.websocket("resume-redis", name="bob") as bob:
+            for text in ("while away 1", "while away 2"):
+                post(bob, text)
+            frames_until(bob, lambda f: f.get("message") == "while away 2")
+        home = ChatServer("--redis", redis_server, port=port)
+        wait_in_browser(
+            browser,
+            lambda d: "bob: while away 2" in text_of(d, "chat-log"),
+            timeout=30,
+            what="the page did not resume",
+        )
+        log = text_of(browser, "chat-log")
+        lines = [line.split(" ", 1)[1] for line in log.splitlines() if ": " in line]
+        assert lines == ["ana: before", "bob: while away 1", "bob: while away 2"], log
+    finally:
+        home.stop()
+        if other:
+            other.stop()
