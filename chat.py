@@ -173,6 +173,8 @@ STYLE = """
   #typing { min-height: 1.4em; }
   #rooms { padding-left: 1.2rem; }
   #rooms a { color: var(--accent); }
+  .visually-hidden { position: absolute; width: 1px; height: 1px; overflow: hidden;
+                     clip-path: inset(50%); white-space: nowrap; }
 """
 
 LOBBY_PAGE = """<!DOCTYPE html>
@@ -264,7 +266,8 @@ ROOM_PAGE = """<!DOCTYPE html>
     <span id="member-count" class="muted"></span>
     <ul id="members"></ul>
   </section>
-  <textarea id="chat-log" readonly aria-label="Messages" aria-live="polite"></textarea>
+  <textarea id="chat-log" readonly aria-label="Messages"></textarea>
+  <div id="announcer" class="visually-hidden" aria-live="polite"></div>
   <div id="typing" aria-live="off"></div>
   <div class="row">
     <label for="chat-message-input">Message</label>
@@ -295,6 +298,7 @@ ROOM_PAGE = """<!DOCTYPE html>
   function addLine(text) {
     log.value += text + '\\n';
     log.scrollTop = log.scrollHeight;
+    document.querySelector('#announcer').textContent = text;  // read out by screen readers
   }
   function clock(ts) {
     return new Date(ts).toLocaleTimeString([], {hour: '2-digit', minute: '2-digit', hour12: false});
@@ -318,12 +322,13 @@ ROOM_PAGE = """<!DOCTYPE html>
     message(frame) {
       adoptEpoch(frame.epoch);
       if (frame.id <= lastId) return;                          // already shown
-      if (lastId && frame.id > lastId + 1) { chatSocket.close(); return; }  // a gap: resume
+      if (online && frame.id > lastId + 1) { chatSocket.close(); return; }  // a gap: resume
       lastId = frame.id;
       addLine(clock(frame.ts) + ' ' + frame.user + ': ' + frame.message);
     },
     welcome(frame) {
       adoptEpoch(frame.epoch);
+      lastId = Math.max(lastId, frame.last_id);
       online = true;
       retries = 0;
       me = frame.user;
@@ -348,7 +353,8 @@ ROOM_PAGE = """<!DOCTYPE html>
 
   function connect() {
     const query = new URLSearchParams({since: lastId, epoch: epoch});
-    if (nameInput.value.trim()) query.set('name', nameInput.value.trim());
+    const name = nameInput.value.trim() || me;  // a guest keeps its name when reconnecting
+    if (name) query.set('name', name);
     chatSocket = new WebSocket(
       (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host +
       '/ws/chat/' + encodeURIComponent(roomName) + '/?' + query
@@ -649,11 +655,17 @@ pending_news: dict[str, dict[str, list[str]]] = {}
 
 
 def announce(room: str, kind: str, nickname: str) -> None:
-    """Queue a "join" or "leave" of a room; it is sent with others after a moment."""
+    """Queue a "join" or "leave" of a room; it is sent with others after a moment.
+    Someone who leaves and comes back within it (a page reconnecting) is not news."""
     if room not in pending_news:
-        pending_news[room] = {"join": [], "leave": []}
+        pending_news[room] = {"leave": [], "join": []}
         asyncio.get_running_loop().call_later(PRESENCE_DELAY, send_news_soon, room)
-    pending_news[room][kind].append(nickname)
+    news = pending_news[room]
+    opposite = news["leave" if kind == "join" else "join"]
+    if nickname in opposite:
+        opposite.remove(nickname)
+    else:
+        news[kind].append(nickname)
 
 
 def send_news_soon(room: str) -> None:
@@ -758,7 +770,7 @@ def presence_frame(kind: str, names: list[str], presence: Presence) -> dict:
     }
 
 
-def welcome_frame(room: str, user: str, presence: Presence, epoch: str) -> dict:
+def welcome_frame(room: str, user: str, presence: Presence, epoch: str, last_id: int):
     return {
         "type": "welcome",
         "message": f"Welcome to {room}, {user}! {presence.count} online.",
@@ -766,6 +778,7 @@ def welcome_frame(room: str, user: str, presence: Presence, epoch: str) -> dict:
         "count": presence.count,
         "members": presence.names,
         "epoch": epoch,
+        "last_id": last_id,  # the newest message so far: a later gap means one was missed
     }
 
 
@@ -829,9 +842,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self.accept()
         await self.send_history(since, epoch)
         presence = await rooms().join(self.room_name, self.channel_name, self.user)
-        await self.send_json(
-            welcome_frame(self.room_name, self.user, presence, self.epoch)
+        last_id = self.next_id - 1
+        welcome = welcome_frame(
+            self.room_name, self.user, presence, self.epoch, last_id
         )
+        await self.send_json(welcome)
         announce(self.room_name, "join", self.user)
 
     async def send_history(self, since: int, epoch: str) -> None:

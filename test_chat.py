@@ -458,7 +458,7 @@ async def test_reconnect_with_since_gets_exactly_the_missed_messages(fresh_layer
     epoch = frames[0]["epoch"]
     bob = await joined("resume", name="bob", since=2, epoch=epoch)
     assert [f["message"] for f in bob.history] == ["c", "d", "e"]
-    assert bob.welcome["epoch"] == epoch
+    assert bob.welcome["epoch"] == epoch and bob.welcome["last_id"] == 5
     await ana.send_json_to({"message": "f"})
     assert (await next_json(bob))["id"] == 6
     await ana.disconnect()
@@ -556,6 +556,20 @@ async def test_presence_is_coalesced_when_many_join_at_once(fresh_layer):
     leaves = [f for f in await frames_within(ana, 1.0) if f["type"] == "leave"]
     assert 1 <= len(leaves) <= 4 and leaves[-1]["count"] == 1
     await ana.disconnect()
+
+
+@asyncio_test
+async def test_a_quick_reconnect_is_not_news(fresh_layer):
+    ana = await joined("steady", name="ana")
+    await next_json(ana, "join")  # her own arrival
+    bob = await joined("steady", name="bob")
+    await next_json(ana, "join")
+    await bob.disconnect()
+    bob = await joined("steady", name="bob")  # back within PRESENCE_DELAY
+    frames = await frames_within(ana, 3 * chat.PRESENCE_DELAY)
+    assert not [f for f in frames if f["type"] in ("join", "leave")], frames
+    await ana.disconnect()
+    await bob.disconnect()
 
 
 @asyncio_test
@@ -670,6 +684,20 @@ async def test_lobby_lists_active_rooms_with_counts(fresh_layer):
     for member in (one, two, three):
         await member.disconnect()
     assert json.loads((await http_get("/chat/rooms.json"))["body"])["rooms"] == []
+
+
+@asyncio_test
+@pytest.mark.parametrize("path", ["/chat/", "/chat/labels/"])
+async def test_every_control_has_a_label_and_pages_fit_phones(path):
+    page = (await http_get(path))["text"]
+    assert '<meta name="viewport" content="width=device-width' in page
+    assert "prefers-color-scheme: dark" in page
+    for tag in re.findall(r"<(?:input|textarea)[^>]*>", page):
+        if 'type="button"' in tag:
+            assert 'value="' in tag, tag
+            continue
+        element_id = re.search(r'id="([^"]+)"', tag).group(1)
+        assert f'for="{element_id}"' in page or "aria-label=" in tag, tag
 
 
 @asyncio_test
@@ -1283,6 +1311,8 @@ def test_room_shows_names_members_status_and_local_time(live_server, browser):
     )
     assert re.search(r"^\d\d:\d\d bob: hi all$", log, re.MULTILINE), log
     assert "bob" in text_of(browser, "members")
+    announced = browser.find_element(By.ID, "announcer").get_property("textContent")
+    assert announced == log.strip().splitlines()[-1], "screen readers hear each line"
 
     name_input = browser.find_element(By.ID, "name-input")
     name_input.clear()
@@ -1415,3 +1445,22 @@ def test_page_resumes_exactly_once_after_its_process_restarts_on_redis(
         home.stop()
         if other:
             other.stop()
+
+
+def test_page_resumes_when_it_notices_a_gap_in_ids(live_server, browser):
+    enter_room(browser, live_server.url, "gaps")  # a guest, who keeps its name
+    guest = text_of(browser, "status").removeprefix("connected as ")
+    browser.execute_script(  # the page misses the next message, as if it were lost
+        """const show = handlers.message;
+           handlers.message = function () { handlers.message = show; };"""
+    )
+    with live_server.websocket("gaps", name="bob") as bob:
+        post(bob, "lost in transit")
+        post(bob, "the next one")
+        wait_in_browser(
+            browser, lambda d: "bob: the next one" in text_of(d, "chat-log")
+        )
+    log = text_of(browser, "chat-log")
+    lines = [line.split(" ", 1)[1] for line in log.splitlines() if ": " in line]
+    assert lines == ["bob: lost in transit", "bob: the next one"], log
+    assert text_of(browser, "status") == f"connected as {guest}"
