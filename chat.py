@@ -29,6 +29,7 @@ import ipaddress
 import json
 import os
 import secrets
+import signal
 import socket
 import sys
 import time
@@ -65,9 +66,12 @@ TYPING_INTERVAL = 2  #: seconds between "is typing" frames of one member
 MEMBER_TTL = 20  #: seconds a member of a vanished process stays listed (Redis)
 LOBBY_SIZE = 50  #: rooms listed in the lobby
 LOBBY_REFRESH = 3  #: seconds between the lobby's updates
-CHANNEL_CAPACITY = (
-    1000  #: messages a member's channel holds before the layer drops more
-)
+CHANNEL_CAPACITY = 1000  #: messages waiting per member before the layer drops more
+RATE_LIMIT = 5  #: frames a second per connection, in bursts of as many (--rate-limit)
+MAX_FRAME = 64 * 1024  #: bytes per WebSocket frame; bigger ones close the socket (1009)
+PING_INTERVAL = 10  #: seconds between pings to each browser...
+PING_TIMEOUT = 10  #: ...and how long a pong may take before the connection is dropped
+SHUTDOWN_GRACE = 3  #: seconds members get to close their sockets when the server stops
 
 #: How chat.py talks to Redis. channels-redis waits in BZPOPMIN for 5 s at a time, so a
 #: socket timeout of 5 s or less (redis-py 8's default) kills every idle member with a
@@ -137,6 +141,7 @@ if not settings.configured:
             "django.middleware.clickjacking.XFrameOptionsMiddleware",
         ],
         TEMPLATES=[{"BACKEND": "django.template.backends.django.DjangoTemplates"}],
+        CHAT_RATE_LIMIT=RATE_LIMIT,
         CHAT_REDIS_URL=os.environ.get("REDIS_URL") or None,
         CHANNEL_LAYERS=channel_layers(os.environ.get("REDIS_URL")),
     )
@@ -669,8 +674,15 @@ def announce(room: str, kind: str, nickname: str) -> None:
 
 
 def send_news_soon(room: str) -> None:
-    task = asyncio.ensure_future(send_news(room, pending_news.pop(room)))
-    running_tasks.add(task)  # asyncio keeps only weak references to tasks
+    if room in pending_news:  # (at shutdown it may have gone out already)
+        spawn(send_news(room, pending_news.pop(room)))
+
+
+def spawn(coroutine) -> None:
+    """Run a coroutine on its own, keeping it referenced until it is done (asyncio
+    keeps only weak references to tasks)."""
+    task = asyncio.ensure_future(coroutine)
+    running_tasks.add(task)
     task.add_done_callback(running_tasks.discard)
 
 
@@ -826,6 +838,22 @@ def query_params(scope) -> tuple[str, int, str]:
     return name, int(since) if since.isdecimal() else 0, epoch
 
 
+class RateLimit:
+    """A token bucket: `rate` frames a second, in bursts of up to `rate` (0: no limit)."""
+
+    def __init__(self, rate: float):
+        self.rate, self.tokens, self.updated = rate, rate, time.monotonic()
+
+    def allows(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.rate, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.rate and self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
 class ChatConsumer(AsyncJsonWebsocketConsumer):
     room_name: str | None = None  # set once the handshake is accepted
 
@@ -838,8 +866,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.room_name, self.room_group_name = room_name, group_name(room_name)
         self.user = clean_name(name)
         self.last_typing = 0.0
+        self.rate_limit = RateLimit(settings.CHAT_RATE_LIMIT)
         await self.channel_layer.group_add(self.room_group_name, self.channel_name)
         await self.accept()
+        open_sockets.add(self)
         await self.send_history(since, epoch)
         presence = await rooms().join(self.room_name, self.channel_name, self.user)
         last_id = self.next_id - 1
@@ -858,15 +888,25 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.waiting: dict[int, dict] = {}  # messages that arrived before their turn
 
     async def disconnect(self, close_code):
+        await self.leave_room()
+
+    async def leave_room(self) -> None:
+        """Out of the group, the member list and the set of open sockets: once."""
         if self.room_name:
+            room, self.room_name = self.room_name, None
+            open_sockets.discard(self)
             await self.channel_layer.group_discard(
                 self.room_group_name, self.channel_name
             )
-            await rooms().leave(self.room_name, self.channel_name)
-            announce(self.room_name, "leave", self.user)
+            await rooms().leave(room, self.channel_name)
+            announce(room, "leave", self.user)
 
     # Frames from the browser: anything malformed is answered, never relayed.
     async def receive(self, text_data=None, bytes_data=None):
+        if not self.rate_limit.allows():
+            limit = settings.CHAT_RATE_LIMIT
+            await self.send_json(error_frame(f"slow down: at most {limit:g} a second"))
+            return
         if text_data is None:
             await self.send_json(
                 error_frame("binary frames are not supported; send JSON text")
@@ -945,6 +985,34 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         """Presence, renames and typing: passed on as they are (typing not to its typist)."""
         if event.get("from") != self.channel_name:
             await self.send_json(event["frame"])
+
+
+open_sockets: set[ChatConsumer] = set()
+
+
+async def shut_down(server, reactor) -> None:
+    """Ctrl-C or SIGTERM: every member is told we are going away (1001, so pages
+    reconnect to the next server) and leaves its room, so that other processes show
+    it gone; then the server stops.
+
+    ASGI's websocket.close cannot say 1001 through Daphne (autobahn's sendClose takes
+    1000 or 3000-4999 from applications), so the frame goes out on each of Daphne's
+    WebSocket connections directly."""
+    from daphne.ws_protocol import WebSocketProtocol
+
+    for protocol in list(server.connections):
+        if (
+            isinstance(protocol, WebSocketProtocol)
+            and protocol.state == protocol.STATE_OPEN
+        ):
+            protocol.sendCloseFrame(code=1001, reasonUtf8=b"server shutting down")
+    deadline = time.monotonic() + SHUTDOWN_GRACE
+    while open_sockets and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)  # each closing handshake ends in disconnect()
+    with contextlib.suppress(redis.RedisError, OSError):
+        for room in list(pending_news):
+            await send_news(room, pending_news.pop(room))
+    reactor.stop()
 
 
 # Routing and application #####################################################
@@ -1028,6 +1096,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         help="one more host name to answer to, e.g. behind a proxy (repeatable)",
     )
+    parser.add_argument(
+        "--rate-limit",
+        metavar="N",
+        type=float,
+        default=RATE_LIMIT,
+        help=f"frames a second per connection, 0 for no limit (default {RATE_LIMIT})",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="Django's DEBUG: tracebacks in pages"
+    )
     return parser.parse_args(argv)
 
 
@@ -1084,6 +1162,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.redis:
         check_redis(args.redis)
     settings.CHAT_HOSTS += [args.host.lower(), *(h.lower() for h in args.allowed_host)]
+    settings.CHAT_RATE_LIMIT = args.rate_limit
+    settings.DEBUG = args.debug
     sock = listen(args.host, args.port)
     port = sock.getsockname()[1]
 
@@ -1093,10 +1173,31 @@ def main(argv: list[str] | None = None) -> None:
     server = Server(
         application,
         endpoints=[daphne_endpoint(sock)],
-        ready_callable=lambda: print_banner(args.host, port),
+        ready_callable=lambda: serving(server, args.host, port),
+        websocket_max_message_size=MAX_FRAME,
+        websocket_max_frame_size=MAX_FRAME,
+        ping_interval=PING_INTERVAL,
+        ping_timeout=PING_TIMEOUT,
+        signal_handlers=False,  # ours (see serving) close the sockets before stopping
         verbosity=0,
     )
     server.run()
+
+
+def serving(server, host: str, port: int) -> None:
+    """Daphne is about to serve: finish setting it up, and say where to go."""
+    from twisted.internet import reactor
+
+    # Autobahn drops a connection it refuses without a word; a close frame says why
+    # (1009: a frame over MAX_FRAME).
+    server.ws_factory.setProtocolOptions(failByDrop=False)
+
+    def on_signal(signum, frame):
+        reactor.callFromThread(lambda: spawn(shut_down(server, reactor)))
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    print_banner(host, port)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Tests that need redis-server or Chromium skip when those are missing, and fail i
 when CI=true.
 """
 
+import asyncio
 import json
 import os
 import queue
@@ -36,7 +37,7 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.wait import WebDriverWait
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 import chat
@@ -167,7 +168,7 @@ def post(ws, text: str) -> None:
 def live_server():
     """One real chat.py for the real-server and browser tests; `.url` as in
     pytest-django's fixture of the same name, so the tutorial's tests read the same."""
-    server = ChatServer()
+    server = ChatServer("--rate-limit", "0")
     yield server
     server.stop()
     assert "Traceback" not in server.text, server.text
@@ -273,11 +274,13 @@ async def no_message_within(member: WebsocketCommunicator, seconds: float = 0.3)
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def fresh_layer():
-    """Each consumer test starts with an empty channel layer and no rooms."""
+async def fresh_layer(monkeypatch):
+    """Each consumer test starts with an empty channel layer, no rooms, and no rate
+    limit (the tests of the limit set one)."""
     layer = get_channel_layer()
     await layer.flush()
     chat.rooms.cache_clear()
+    monkeypatch.setattr(chat.settings, "CHAT_RATE_LIMIT", 0)
     yield layer
     await layer.flush()
 
@@ -387,6 +390,41 @@ async def test_invalid_room_name_refuses_the_handshake(fresh_layer, room):
 async def test_foreign_or_missing_origin_is_refused(fresh_layer, headers):
     connected, _ = await communicator("lobby", headers).connect()
     assert not connected
+
+
+@asyncio_test
+async def test_a_thousand_garbage_frames_in_a_row_leave_the_socket_usable(fresh_layer):
+    sender, other = await joined("garbage"), await joined("garbage")
+    for n in range(1000):
+        await sender.send_to(text_data=f"garbage {n}")
+    errors = [await next_json(sender, "error") for _ in range(1000)]
+    assert {e["message"] for e in errors} == {"not valid JSON"}
+    await sender.send_json_to({"message": "after the garbage"})
+    assert (await next_json(other))["message"] == "after the garbage"
+    await sender.disconnect()
+    await other.disconnect()
+
+
+@asyncio_test
+async def test_a_flood_past_the_rate_limit_gets_error_frames(fresh_layer, monkeypatch):
+    monkeypatch.setattr(chat.settings, "CHAT_RATE_LIMIT", 3)
+    flooder, other = await joined("flood"), await joined("flood")
+    for n in range(10):
+        await flooder.send_json_to({"message": f"flood {n}"})
+    frames = [await flooder.receive_json_from() for _ in range(10)]
+    frames += await frames_within(flooder, 0.2)
+    relayed = [f["message"] for f in frames if f["type"] == "message"]
+    refused = [f for f in frames if f["type"] == "error"]
+    assert relayed == ["flood 0", "flood 1", "flood 2"]
+    assert len(refused) == 7 and "at most 3 a second" in refused[0]["message"]
+    assert [
+        f["message"] for f in await frames_within(other, 0.2) if f["type"] == "message"
+    ] == relayed
+    await asyncio.sleep(1)  # the scenario: the bucket refills after a second
+    await flooder.send_json_to({"message": "calm again"})
+    assert (await next_json(other))["message"] == "calm again"
+    await flooder.disconnect()
+    await other.disconnect()
 
 
 # --- Names, ids, history and resume ---
@@ -776,12 +814,32 @@ def test_real_server_serves_pages_and_healthz(live_server):
         assert r.url == live_server.url + "/chat/"
 
 
-def test_banner_names_url_and_layer_and_ctrl_c_stops_cleanly():
+def test_banner_names_url_and_layer():
     server = ChatServer()
     assert server.url.startswith("http://127.0.0.1:")
     assert "in memory" in server.banner_layer
-    assert server.stop(signal.SIGINT) == 0
-    assert "Traceback" not in server.text
+    server.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
+def test_stopping_closes_every_socket_with_1001_and_exits_0(sig):
+    server = ChatServer()
+    with (
+        server.websocket("bye", name="a") as a,
+        server.websocket("bye2", name="b") as b,
+    ):
+        next_frame(a, "welcome")
+        next_frame(b, "welcome")
+        started = time.monotonic()
+        server.proc.send_signal(sig)
+        for ws in (a, b):
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    ws.recv(timeout=TIMEOUT)
+            assert closed.value.rcvd.code == 1001
+        assert server.proc.wait(5) == 0
+        assert time.monotonic() - started < 5
+    assert "Traceback" not in server.text, server.text
 
 
 def test_taken_port_is_one_clear_line_and_exit_1(live_server):
@@ -921,6 +979,30 @@ def test_allowed_host_flag_adds_a_name():
         server.stop()
 
 
+def test_a_frame_far_over_the_limit_is_refused_with_1009(live_server):
+    with live_server.websocket("huge") as ws:
+        ws.send("x" * 1024 * 1024)
+        with pytest.raises(ConnectionClosed) as closed:
+            for _ in range(10):
+                ws.recv(timeout=TIMEOUT)
+        assert closed.value.rcvd.code == 1009
+    with live_server.websocket("huge") as ws:  # and the server carries on
+        post(ws, "still serving")
+        assert next_frame(ws)["message"] == "still serving"
+
+
+def test_debug_pages_only_with_the_debug_flag():
+    for args, technical in (([], False), (["--debug"], True)):
+        server = ChatServer(*args)
+        try:
+            with pytest.raises(urllib.error.HTTPError) as missing:
+                urllib.request.urlopen(server.url + "/no/such/page", timeout=TIMEOUT)
+            assert missing.value.code == 404
+            assert ("URLconf" in missing.value.read().decode()) is technical
+        finally:
+            server.stop()
+
+
 def test_daphne_serves_chat_application():
     port = free_port()
     daphne = Process(
@@ -1009,7 +1091,9 @@ def test_healthz_is_503_when_redis_is_gone():
 @pytest.fixture
 def two_servers(redis_server):
     """Two chat.py processes sharing one Redis."""
-    servers = [ChatServer("--redis", redis_server) for _ in range(2)]
+    servers = [
+        ChatServer("--redis", redis_server, "--rate-limit", "0") for _ in range(2)
+    ]
     yield servers
     for server in servers:
         server.stop()
