@@ -71,17 +71,24 @@ RATE_LIMIT = 5  #: frames a second per connection, in bursts of as many (--rate-
 MAX_FRAME = 64 * 1024  #: bytes per WebSocket frame; bigger ones close the socket (1009)
 PING_INTERVAL = 10  #: seconds between pings to each browser...
 PING_TIMEOUT = 10  #: ...and how long a pong may take before the connection is dropped
+CLOSE_UNAVAILABLE = (
+    4503  #: the close code when Redis fails ("try again", like HTTP 503)
+)
 SHUTDOWN_GRACE = 3  #: seconds members get to close their sockets when the server stops
 
 #: How chat.py talks to Redis. channels-redis waits in BZPOPMIN for 5 s at a time, so a
 #: socket timeout of 5 s or less (redis-py 8's default) kills every idle member with a
 #: TimeoutError (channels_redis#422); a health check notices a dead server all the same.
+#: A connection per Redis call in flight: redis-py 8's default of 100 makes the 101st
+#: fail (MaxConnectionsError) when a crowd leaves at once.
 REDIS_OPTIONS = {
     "socket_timeout": 15,
     "socket_connect_timeout": 5,
     "socket_keepalive": True,
     "health_check_interval": 10,
+    "max_connections": 5000,
 }
+GROUP_EXPIRY = 120  #: seconds a Redis group membership lasts unless renewed (see below)
 
 
 def machine_addresses() -> list[str]:
@@ -115,7 +122,11 @@ def channel_layers(redis_url: str | None) -> dict:
     else:
         backend = {"BACKEND": "channels_redis.core.RedisChannelLayer"}
         hosts = [{"address": redis_url, **REDIS_OPTIONS}]
-        backend["CONFIG"] = {"hosts": hosts, "capacity": CHANNEL_CAPACITY}
+        backend["CONFIG"] = {
+            "hosts": hosts,
+            "capacity": CHANNEL_CAPACITY,
+            "group_expiry": GROUP_EXPIRY,  # renewed by RedisRooms.keep_members_alive
+        }
     return {"default": backend}
 
 
@@ -370,8 +381,8 @@ ROOM_PAGE = """<!DOCTYPE html>
     };
     chatSocket.onclose = function () {
       online = false;
-      // Back off (0.5 s, 1 s, 2 s … 15 s) with jitter, so a restarted server is not stampeded.
-      const delay = Math.min(15000, 500 * 2 ** retries++) * (0.5 + Math.random());
+      // Back off (0.5 s, 1 s, 2 s … 8 s) with jitter, so a restarted server is not stampeded.
+      const delay = Math.min(8000, 500 * 2 ** retries++) * (0.5 + Math.random() / 2);
       setStatus('offline — reconnecting in ' + Math.ceil(delay / 1000) + ' s');
       setTimeout(connect, delay);
     };
@@ -630,6 +641,9 @@ class RedisRooms:
             announce(name, "leave", entry.split("\n", 1)[1])
 
     async def keep_members_alive(self) -> None:
+        """Renew this process's members, in the member lists and in the layer's
+        groups: a process that dies stops renewing, and its members fade away."""
+        layer = get_channel_layer()
         while True:
             await asyncio.sleep(MEMBER_TTL / 3)
             try:
@@ -639,8 +653,10 @@ class RedisRooms:
                     await self.redis.zadd(
                         members, dict.fromkeys(entries.values(), expiry)
                     )
+                    for channel in list(entries):
+                        await layer.group_add(group_name(name), channel)
                     await self.prune(name)
-            except redis.RedisError as error:
+            except (redis.RedisError, OSError) as error:
                 print(
                     f"chat.py: cannot refresh members in Redis: {error}",
                     file=sys.stderr,
@@ -690,14 +706,17 @@ running_tasks: set[asyncio.Task] = set()
 
 
 async def send_news(room: str, news: dict[str, list[str]]) -> None:
-    presence = await rooms().presence(room)
-    layer = get_channel_layer()
-    for kind, names in news.items():
-        if names:
-            frame = presence_frame(kind, names, presence)
-            await layer.group_send(
-                group_name(room), {"type": "chat.frame", "frame": frame}
-            )
+    try:
+        presence = await rooms().presence(room)
+        for kind, names in news.items():
+            if names:
+                event = {
+                    "type": "chat.frame",
+                    "frame": presence_frame(kind, names, presence),
+                }
+                await get_channel_layer().group_send(group_name(room), event)
+    except (redis.RedisError, OSError) as error:
+        print(f"chat.py: presence news of {room} lost: {error}", file=sys.stderr)
 
 
 # HTTP views ##################################################################
@@ -715,8 +734,12 @@ def lobby(request):
 
 async def active_rooms(request):
     """The lobby's list: active rooms, busiest first, with their member counts."""
-    active = sorted(await rooms().active(), key=lambda room: -room[1])[:LOBBY_SIZE]
-    return JsonResponse({"rooms": [{"name": n, "count": c} for n, c in active]})
+    try:
+        active = sorted(await rooms().active(), key=lambda room: -room[1])
+    except (redis.RedisError, OSError):
+        return JsonResponse({"rooms": [], "error": "Redis is unavailable"}, status=503)
+    rooms_json = [{"name": n, "count": c} for n, c in active[:LOBBY_SIZE]]
+    return JsonResponse({"rooms": rooms_json})
 
 
 def room(request, room_name: str):
@@ -856,6 +879,16 @@ class RateLimit:
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
     room_name: str | None = None  # set once the handshake is accepted
+
+    async def __call__(self, scope, receive, send):
+        """Redis going away ends a connection with a close code that says so (the page
+        comes back when Redis does), not with a traceback."""
+        try:
+            await super().__call__(scope, receive, send)
+        except (redis.RedisError, OSError) as error:
+            print(f"chat.py: closing a socket, Redis failed: {error}", file=sys.stderr)
+            with contextlib.suppress(Exception):
+                await self.close(code=CLOSE_UNAVAILABLE, reason="Redis is unavailable")
 
     async def connect(self):
         room_name = self.scope["url_route"]["kwargs"].get("room_name", "")

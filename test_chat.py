@@ -9,6 +9,7 @@ when CI=true.
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import queue
@@ -37,7 +38,8 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.wait import WebDriverWait
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.asyncio.client import connect as asyncio_connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 from websockets.sync.client import connect
 
 import chat
@@ -1205,6 +1207,226 @@ def test_members_of_a_killed_process_vanish(two_servers):
         assert leave["members"] == ["ana"] and leave["count"] == 1
         rooms = get_json(one.url + "/chat/rooms.json")["rooms"]
         assert {"name": "crash", "count": 1} in rooms
+
+
+def test_redis_outage_closes_sockets_then_the_chat_recovers():
+    redis_server = RedisServer()
+    server = ChatServer("--redis", redis_server.url, "--rate-limit", "0")
+    try:
+        with server.websocket("outage", name="ana") as ana:
+            next_frame(ana, "welcome")
+            redis_server.stop()
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    ana.recv(timeout=TIMEOUT)
+            assert closed.value.rcvd.code == chat.CLOSE_UNAVAILABLE
+        assert http_status(server.url + "/healthz") == 503
+        assert http_status(server.url + "/chat/") == 200  # pages still load
+        assert http_status(server.url + "/chat/outage/") == 200
+        assert http_status(server.url + "/chat/rooms.json") == 503
+
+        redis_server = RedisServer(port=redis_server.port)
+        wait_until(lambda: chats_again(server), timeout=10, what="the chat to recover")
+        assert http_status(server.url + "/healthz") == 200
+    finally:
+        server.stop()
+        redis_server.stop()
+    assert server.proc.returncode == 0
+    assert "Traceback" not in server.text, server.text
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def chats_again(server) -> bool:
+    try:
+        with server.websocket("outage", name="bob") as bob:
+            next_frame(bob, "welcome")
+            post(bob, "back again")
+            return next_frame(bob)["message"] == "back again"
+    except (OSError, WebSocketException):
+        return False
+
+
+# --- Load, churn and crowds (small versions; chatbench runs the big ones) ---
+
+
+async def crowd(base_url: str, room: str, count: int, **query) -> list:
+    """`count` members of a room, connected 20 at a time, each welcomed."""
+    host = base_url.split("://", 1)[1]
+    uri = f"ws://{host}/ws/chat/{quote(room)}/"
+    if query:
+        uri += "?" + "&".join(f"{k}={quote(str(v))}" for k, v in query.items())
+    gate = asyncio.Semaphore(20)
+
+    async def member():
+        async with gate:
+            ws = await asyncio_connect(
+                uri, origin=base_url, open_timeout=TIMEOUT, max_queue=None
+            )
+            while json.loads(await ws.recv())["type"] != "welcome":
+                pass
+            return ws
+
+    return list(await asyncio.gather(*(member() for _ in range(count))))
+
+
+async def messages_of(ws, count: int, timeout: float = 30) -> list[dict]:
+    """The next `count` message frames a member receives (other frames skipped)."""
+    got = []
+    async with asyncio.timeout(timeout):
+        while len(got) < count:
+            frame = json.loads(await ws.recv())
+            if frame["type"] == "message":
+                got.append(frame)
+    return got
+
+
+async def no_messages(ws, seconds: float) -> bool:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            while json.loads(await ws.recv())["type"] != "message":
+                pass
+            return False
+    return True
+
+
+def rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
+
+
+@pytest.mark.parametrize("layer", ["memory", "redis"])
+def test_a_burst_loses_nothing(layer, request):
+    extra = (
+        ["--redis", request.getfixturevalue("redis_server")] if layer == "redis" else []
+    )
+    server = ChatServer("--rate-limit", "0", *extra)
+    senders, each = 20, 50
+
+    async def burst():
+        room, elsewhere = (
+            await crowd(server.url, "burst", senders),
+            await crowd(server.url, "burst-other", 2),
+        )
+
+        async def send_all(n, ws):
+            for k in range(each):
+                await ws.send(json.dumps({"message": f"{n}:{k}"}))
+
+        await asyncio.gather(*(send_all(n, ws) for n, ws in enumerate(room)))
+        for ws in room:
+            got = await messages_of(ws, senders * each)
+            assert len({f["id"] for f in got}) == senders * each, "a duplicate"
+            for n in range(senders):
+                mine = [
+                    int(f["message"].split(":")[1])
+                    for f in got
+                    if f["message"].startswith(f"{n}:")
+                ]
+                assert mine == list(range(each)), f"sender {n}'s messages out of order"
+            ids = [f["id"] for f in got]
+            assert ids == sorted(ids)
+        for ws in elsewhere:
+            assert await no_messages(ws, 0.3), "a message leaked into another room"
+        for ws in room + elsewhere:
+            await ws.close()
+
+    try:
+        asyncio.run(burst())
+    finally:
+        server.stop()
+    assert "Traceback" not in server.text, server.text
+
+
+def test_connection_churn_leaks_nothing():
+    server = ChatServer("--rate-limit", "0")
+
+    async def churn(cycles: int):
+        for start in range(0, cycles, 50):
+            batch = await crowd(server.url, "churn", 50, name="passer")
+            for n, ws in enumerate(batch):
+                if n % 2:
+                    ws.transport.abort()  # dropped without a close frame
+                else:
+                    await ws.close()
+
+    async def scenario():
+        stayers = await crowd(server.url, "churn", 5, name="stayer")
+        await churn(500)
+        settled = rss_kib(server.proc.pid)
+        await churn(500)
+        grown = rss_kib(server.proc.pid) - settled
+        assert grown < 15 * 1024, f"RSS grew by {grown} KiB over the second 500 cycles"
+
+        def only_stayers_listed():
+            rooms = get_json(server.url + "/chat/rooms.json")["rooms"]
+            return {"name": "churn", "count": 5} in rooms
+
+        await asyncio.to_thread(
+            wait_until, only_stayers_listed, what="5 members listed"
+        )
+        await stayers[0].send(json.dumps({"message": "who is still here?"}))
+        for ws in stayers:
+            assert [f["message"] for f in await messages_of(ws, 1)] == [
+                "who is still here?"
+            ]
+            assert await no_messages(ws, 0.3), "delivered twice"
+        for ws in stayers:
+            await ws.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()
+    assert "Traceback" not in server.text, server.text
+
+
+def test_a_thousand_connections_in_ten_rooms_all_hear_their_room():
+    server = ChatServer("--rate-limit", "0")
+
+    async def scenario():
+        rooms = [await crowd(server.url, f"hall-{n}", 100) for n in range(10)]
+        for n, members in enumerate(rooms):
+            await members[0].send(json.dumps({"message": f"hello hall {n}"}))
+        for n, members in enumerate(rooms):
+            for ws in members:
+                assert (await messages_of(ws, 1))[0]["message"] == f"hello hall {n}"
+        for members in rooms:
+            for ws in members:
+                await ws.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()
+    assert "Traceback" not in server.text, server.text
+
+
+def test_hundreds_leaving_redis_at_once_leave_no_membership_behind(redis_server):
+    import redis
+
+    server = ChatServer("--redis", redis_server, "--rate-limit", "0")
+
+    async def scenario():
+        members = await crowd(server.url, "exodus", 300)
+        await asyncio.gather(*(ws.close() for ws in members))
+
+    try:
+        asyncio.run(scenario())
+        client = redis.Redis.from_url(redis_server)
+        group = f"asgi:group:{chat.group_name('exodus')}"
+        wait_until(lambda: client.zcard(group) == 0, what="the group to empty")
+        rooms = get_json(server.url + "/chat/rooms.json")["rooms"]
+        assert all(room["name"] != "exodus" for room in rooms), rooms
+    finally:
+        server.stop()
+    assert "Traceback" not in server.text and "MaxConnections" not in server.text
 
 
 # === Browser tests: the Channels tutorial's own, as it wrote them ===
