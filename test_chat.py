@@ -1408,6 +1408,47 @@ def test_a_thousand_connections_in_ten_rooms_all_hear_their_room():
     assert "Traceback" not in server.text, server.text
 
 
+def test_a_reader_that_never_reads_harms_nobody_and_is_dropped():
+    server = ChatServer("--rate-limit", "0")
+    port = int(server.url.rsplit(":", 1)[1])
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.connect(("127.0.0.1", port))
+    slow.sendall(
+        b"GET /ws/chat/slow/?name=slowpoke HTTP/1.1\r\n"
+        + f"Host: 127.0.0.1:{port}\r\nOrigin: http://127.0.0.1:{port}\r\n".encode()
+        + b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        + b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )  # ...and never reads a byte
+
+    async def scenario():
+        readers = await crowd(server.url, "slow", 10)
+
+        async def send_all(ws):
+            for k in range(50):
+                await ws.send(json.dumps({"message": f"busy {k}" + "x" * 200}))
+
+        await asyncio.gather(*(send_all(ws) for ws in readers))
+        for ws in readers:
+            assert len(await messages_of(ws, 500)) == 500
+        # Daphne pings every PING_INTERVAL; a peer that never answers is dropped.
+        limit = chat.PING_INTERVAL + chat.PING_TIMEOUT + 10
+        async with asyncio.timeout(limit):
+            while True:
+                frame = json.loads(await readers[0].recv())
+                if frame["type"] == "leave" and "slowpoke" in frame["users"]:
+                    break
+        for ws in readers:
+            await ws.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        slow.close()
+        server.stop()
+    assert "Traceback" not in server.text, server.text
+
+
 def test_hundreds_leaving_redis_at_once_leave_no_membership_behind(redis_server):
     import redis
 
