@@ -42,6 +42,8 @@ from urllib.parse import parse_qs, urlsplit
 import django
 import redis
 import redis.asyncio
+from autobahn.exception import Disconnected
+from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from channels.layers import get_channel_layer
 from channels.routing import ProtocolTypeRouter, URLRouter
@@ -66,7 +68,7 @@ TYPING_INTERVAL = 2  #: seconds between "is typing" frames of one member
 MEMBER_TTL = 20  #: seconds a member of a vanished process stays listed (Redis)
 LOBBY_SIZE = 50  #: rooms listed in the lobby
 LOBBY_REFRESH = 3  #: seconds between the lobby's updates
-CHANNEL_CAPACITY = 1000  #: messages waiting per member before the layer drops more
+CHANNEL_CAPACITY = 20_000  #: messages waiting per member before the layer drops more
 RATE_LIMIT = 5  #: frames a second per connection, in bursts of as many (--rate-limit)
 MAX_FRAME = 64 * 1024  #: bytes per WebSocket frame; bigger ones close the socket (1009)
 PING_INTERVAL = 10  #: seconds between pings to each browser...
@@ -710,10 +712,7 @@ async def send_news(room: str, news: dict[str, list[str]]) -> None:
         presence = await rooms().presence(room)
         for kind, names in news.items():
             if names:
-                event = {
-                    "type": "chat.frame",
-                    "frame": presence_frame(kind, names, presence),
-                }
+                event = frame_event(presence_frame(kind, names, presence))
                 await get_channel_layer().group_send(group_name(room), event)
     except (redis.RedisError, OSError) as error:
         print(f"chat.py: presence news of {room} lost: {error}", file=sys.stderr)
@@ -836,6 +835,21 @@ def error_frame(why: str) -> dict:
     return {"type": "error", "message": why}
 
 
+def message_event(frame: dict) -> dict:
+    """A message for the room's group, encoded once for all its members."""
+    text = json.dumps(frame)
+    return {
+        "type": "chat.message",
+        "id": frame["id"],
+        "epoch": frame["epoch"],
+        "text": text,
+    }
+
+
+def frame_event(frame: dict, sender: str = "") -> dict:
+    return {"type": "chat.frame", "text": json.dumps(frame), "sender": sender}
+
+
 class Refused(Exception):
     """A client frame the server will not act on; its text says why."""
 
@@ -881,14 +895,21 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     room_name: str | None = None  # set once the handshake is accepted
 
     async def __call__(self, scope, receive, send):
-        """Redis going away ends a connection with a close code that says so (the page
-        comes back when Redis does), not with a traceback."""
+        """The whole life of a connection. However it ends, the member leaves its
+        room: also when the browser vanished while we were sending to it, or when
+        Redis went away (then the close code says so, and the page comes back when
+        Redis does) — with a line in the log, not a traceback."""
         try:
             await super().__call__(scope, receive, send)
+        except Disconnected:
+            pass  # the socket closed while a frame was on its way to it
         except (redis.RedisError, OSError) as error:
             print(f"chat.py: closing a socket, Redis failed: {error}", file=sys.stderr)
             with contextlib.suppress(Exception):
                 await self.close(code=CLOSE_UNAVAILABLE, reason="Redis is unavailable")
+        finally:
+            with contextlib.suppress(redis.RedisError, OSError):
+                await self.leave_room()
 
     async def connect(self):
         room_name = self.scope["url_route"]["kwargs"].get("room_name", "")
@@ -966,18 +987,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         frame = await rooms().post(
             self.room_name, chat_frame(self.user, message_text(content))
         )
-        await self.channel_layer.group_send(
-            self.room_group_name, {"type": "chat.message", "frame": frame}
-        )
+        await self.channel_layer.group_send(self.room_group_name, message_event(frame))
 
     async def typing(self, content: dict) -> None:
         if time.monotonic() - self.last_typing < TYPING_INTERVAL:
             return  # the page sends one every few seconds; more is noise
         self.last_typing = time.monotonic()
-        event = {"type": "chat.frame", "frame": typing_frame(self.user)}
-        await self.channel_layer.group_send(
-            self.room_group_name, {**event, "from": self.channel_name}
-        )
+        event = frame_event(typing_frame(self.user), sender=self.channel_name)
+        await self.channel_layer.group_send(self.room_group_name, event)
 
     async def rename(self, content: dict) -> None:
         if not isinstance(content.get("name"), str):
@@ -987,37 +1004,42 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             presence = await rooms().rename(
                 self.room_name, self.channel_name, self.user
             )
-            frame = rename_frame(old, self.user, presence)
-            await self.channel_layer.group_send(
-                self.room_group_name, {"type": "chat.frame", "frame": frame}
-            )
+            event = frame_event(rename_frame(old, self.user, presence))
+            await self.channel_layer.group_send(self.room_group_name, event)
 
-    # Events from the room's group.
+    # Events from the room's group: each carries its frame encoded once, as "text".
+    async def dispatch(self, message):
+        """Straight to the handler. (Channels 4.2+ first closes stale database
+        connections, through a thread, before every handler: we have no database.)"""
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"no handler for message type {message['type']}")
+        await handler(message)
+
     async def chat_message(self, event):
         """Messages go out in id order. One can overtake another when two processes
         post at once: the ones it overtook are then taken from the history, or, when
         this reader is so far behind that the history no longer has them, awaited."""
-        frame = event["frame"]
-        if frame["epoch"] != self.epoch:  # the room started over: follow it
-            self.epoch, self.next_id, self.waiting = frame["epoch"], frame["id"], {}
-        if frame["id"] < self.next_id:
+        if event["epoch"] != self.epoch:  # the room started over: follow it
+            self.epoch, self.next_id, self.waiting = event["epoch"], event["id"], {}
+        if event["id"] < self.next_id:
             return  # already sent
-        if frame["id"] > self.next_id and not self.waiting:
+        if event["id"] > self.next_id and not self.waiting:
             for missed in await rooms().between(
-                self.room_name, self.next_id, frame["id"]
+                self.room_name, self.next_id, event["id"]
             ):
-                self.waiting[missed["id"]] = missed
-        self.waiting[frame["id"]] = frame
+                self.waiting[missed["id"]] = json.dumps(missed)
+        self.waiting[event["id"]] = event["text"]
         if self.next_id not in self.waiting and len(self.waiting) > HISTORY_SIZE:
             self.next_id = min(self.waiting)  # the layer lost it; the page will notice
         while self.next_id in self.waiting:
-            await self.send_json(self.waiting.pop(self.next_id))
+            await self.send(text_data=self.waiting.pop(self.next_id))
             self.next_id += 1
 
     async def chat_frame(self, event):
-        """Presence, renames and typing: passed on as they are (typing not to its typist)."""
-        if event.get("from") != self.channel_name:
-            await self.send_json(event["frame"])
+        """Presence, renames and typing, passed on (typing not to its typist)."""
+        if event.get("sender") != self.channel_name:
+            await self.send(text_data=event["text"])
 
 
 open_sockets: set[ChatConsumer] = set()

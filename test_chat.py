@@ -523,11 +523,11 @@ async def test_a_message_that_overtakes_another_brings_it_from_history(fresh_lay
     ana = await joined("overtake", name="ana")
     first = await chat.rooms().post("overtake", chat.chat_frame("zed", "first"))
     second = await chat.rooms().post("overtake", chat.chat_frame("zed", "second"))
-    event = {"type": "chat.message", "frame": second}
+    event = chat.message_event(second)
     await fresh_layer.group_send(chat.group_name("overtake"), event)
     got = [await next_json(ana), await next_json(ana)]
     assert [f["id"] for f in got] == [first["id"], second["id"]]
-    await fresh_layer.group_send(chat.group_name("overtake"), {**event, "frame": first})
+    await fresh_layer.group_send(chat.group_name("overtake"), chat.message_event(first))
     assert await no_message_within(ana), "a message was delivered twice"
     await ana.disconnect()
 
@@ -540,9 +540,9 @@ async def test_a_reader_far_behind_waits_for_the_overtaken_message(fresh_layer):
     second = await chat.rooms().post("far-behind", chat.chat_frame("zed", "second"))
     chat.rooms().rooms["far-behind"].history.clear()  # as if trimmed long ago
     group = chat.group_name("far-behind")
-    await fresh_layer.group_send(group, {"type": "chat.message", "frame": second})
+    await fresh_layer.group_send(group, chat.message_event(second))
     assert await no_message_within(ana), "sent before the message it overtook"
-    await fresh_layer.group_send(group, {"type": "chat.message", "frame": first})
+    await fresh_layer.group_send(group, chat.message_event(first))
     got = [await next_json(ana), await next_json(ana)]
     assert [f["message"] for f in got] == ["first", "second"]
     await ana.disconnect()
@@ -1364,13 +1364,16 @@ def test_connection_churn_leaks_nothing():
         grown = rss_kib(server.proc.pid) - settled
         assert grown < 15 * 1024, f"RSS grew by {grown} KiB over the second 500 cycles"
 
-        def only_stayers_listed():
-            rooms = get_json(server.url + "/chat/rooms.json")["rooms"]
-            return {"name": "churn", "count": 5} in rooms
+        listed = []
 
-        await asyncio.to_thread(
-            wait_until, only_stayers_listed, what="5 members listed"
-        )
+        def only_stayers_listed():
+            listed[:] = get_json(server.url + "/chat/rooms.json")["rooms"]
+            return {"name": "churn", "count": 5} in listed
+
+        try:
+            await asyncio.to_thread(wait_until, only_stayers_listed, what="5 listed")
+        except AssertionError:
+            raise AssertionError(f"the lobby lists {listed}, not 5 members") from None
         await stayers[0].send(json.dumps({"message": "who is still here?"}))
         for ws in stayers:
             assert [f["message"] for f in await messages_of(ws, 1)] == [
