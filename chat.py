@@ -69,6 +69,9 @@ MEMBER_TTL = 20  #: seconds a member of a vanished process stays listed (Redis)
 LOBBY_SIZE = 50  #: rooms listed in the lobby
 LOBBY_REFRESH = 3  #: seconds between the lobby's updates
 CHANNEL_CAPACITY = 20_000  #: messages waiting per member before the layer drops more
+#: Seconds a message may wait in the channel layer. Channels' default, 60 s, lost the tail
+#: of a 500,000-delivery burst (and the in-memory layer then drops the member's groups).
+LAYER_EXPIRY = 300
 RATE_LIMIT = 5  #: frames a second per connection, in bursts of as many (--rate-limit)
 MAX_FRAME = 64 * 1024  #: bytes per WebSocket frame; bigger ones close the socket (1009)
 PING_INTERVAL = 10  #: seconds between pings to each browser...
@@ -120,13 +123,14 @@ def channel_layers(redis_url: str | None) -> dict:
     """Channels' in-process layer by default; channels-redis when given a Redis URL."""
     if not redis_url:
         backend = {"BACKEND": "channels.layers.InMemoryChannelLayer"}
-        backend["CONFIG"] = {"capacity": CHANNEL_CAPACITY}
+        backend["CONFIG"] = {"capacity": CHANNEL_CAPACITY, "expiry": LAYER_EXPIRY}
     else:
         backend = {"BACKEND": "channels_redis.core.RedisChannelLayer"}
         hosts = [{"address": redis_url, **REDIS_OPTIONS}]
         backend["CONFIG"] = {
             "hosts": hosts,
             "capacity": CHANNEL_CAPACITY,
+            "expiry": LAYER_EXPIRY,
             "group_expiry": GROUP_EXPIRY,  # renewed by RedisRooms.keep_members_alive
         }
     return {"default": backend}

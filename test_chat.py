@@ -1814,3 +1814,12 @@ def test_page_resumes_when_it_notices_a_gap_in_ids(live_server, browser):
     lines = [line.split(" ", 1)[1] for line in log.splitlines() if ": " in line]
     assert lines == ["bob: lost in transit", "bob: the next one"], log
     assert text_of(browser, "status") == f"connected as {guest}"
+
+
+def test_everything_typed_is_shown_as_text(live_server, browser):
+    trap = "<img src=x onerror=alert(1)>"  # an alert would fail the test
+    enter_room(browser, live_server.url, "escape", name=trap)
+    say(browser, trap)
+    wait_in_browser(browser, lambda d: f"{trap}: {trap}" in text_of(d, "chat-log"))
+    assert trap in text_of(browser, "members")
+    assert not browser.find_elements(By.CSS_SELECTOR, "img")
