@@ -34,6 +34,7 @@ import socket
 import sys
 import time
 import unicodedata
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -76,9 +77,10 @@ RATE_LIMIT = 5  #: frames a second per connection, in bursts of as many (--rate-
 MAX_FRAME = 64 * 1024  #: bytes per WebSocket frame; bigger ones close the socket (1009)
 PING_INTERVAL = 10  #: seconds between pings to each browser...
 PING_TIMEOUT = 10  #: ...and how long a pong may take before the connection is dropped
-CLOSE_UNAVAILABLE = (
-    4503  #: the close code when Redis fails ("try again", like HTTP 503)
-)
+SLOW_READER_GRACE = 5  #: seconds a browser may leave its send buffer full...
+CATCH_UP_TIME = 30  #: ...then it is closed, and has this long to read what was queued
+CLOSE_TOO_SLOW = 4008  #: the close code for a reader too far behind
+CLOSE_UNAVAILABLE = 4503  #: the close code when Redis fails ("try again", as HTTP 503)
 SHUTDOWN_GRACE = 3  #: seconds members get to close their sockets when the server stops
 
 #: How chat.py talks to Redis. channels-redis waits in BZPOPMIN for 5 s at a time, so a
@@ -1049,31 +1051,6 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 open_sockets: set[ChatConsumer] = set()
 
 
-async def shut_down(server, reactor) -> None:
-    """Ctrl-C or SIGTERM: every member is told we are going away (1001, so pages
-    reconnect to the next server) and leaves its room, so that other processes show
-    it gone; then the server stops.
-
-    ASGI's websocket.close cannot say 1001 through Daphne (autobahn's sendClose takes
-    1000 or 3000-4999 from applications), so the frame goes out on each of Daphne's
-    WebSocket connections directly."""
-    from daphne.ws_protocol import WebSocketProtocol
-
-    for protocol in list(server.connections):
-        if (
-            isinstance(protocol, WebSocketProtocol)
-            and protocol.state == protocol.STATE_OPEN
-        ):
-            protocol.sendCloseFrame(code=1001, reasonUtf8=b"server shutting down")
-    deadline = time.monotonic() + SHUTDOWN_GRACE
-    while open_sockets and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)  # each closing handshake ends in disconnect()
-    with contextlib.suppress(redis.RedisError, OSError):
-        for room in list(pending_news):
-            await send_news(room, pending_news.pop(room))
-    reactor.stop()
-
-
 # Routing and application #####################################################
 
 websocket_urlpatterns = [
@@ -1243,13 +1220,62 @@ def main(argv: list[str] | None = None) -> None:
     server.run()
 
 
+async def shut_down(server, reactor) -> None:
+    """Ctrl-C or SIGTERM: every member is told we are going away (1001, so pages
+    reconnect to the next server) and leaves its room, so that other processes show
+    it gone; then the server stops.
+
+    ASGI's websocket.close cannot say 1001 through Daphne (autobahn's sendClose takes
+    1000 or 3000-4999 from applications), so the frame goes out on each of Daphne's
+    WebSocket connections directly."""
+    from daphne.ws_protocol import WebSocketProtocol
+
+    for protocol in list(server.connections):
+        if (
+            isinstance(protocol, WebSocketProtocol)
+            and protocol.state == protocol.STATE_OPEN
+        ):
+            protocol.sendCloseFrame(code=1001, reasonUtf8=b"server shutting down")
+    deadline = time.monotonic() + SHUTDOWN_GRACE
+    while open_sockets and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)  # each closing handshake ends in disconnect()
+    with contextlib.suppress(redis.RedisError, OSError):
+        for room in list(pending_news):
+            await send_news(room, pending_news.pop(room))
+    reactor.stop()
+
+
+behind_since: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def close_slow_readers(server) -> None:
+    """A browser whose send buffer stays full (Twisted pauses the connection's
+    producer) for SLOW_READER_GRACE is too far behind: it is closed (4008) behind
+    what was queued for it, and gets no more. Its page reads the rest, then
+    reconnects with since= and loses nothing."""
+    from daphne.ws_protocol import WebSocketProtocol
+
+    now = time.monotonic()
+    for protocol in list(server.connections):
+        if not isinstance(protocol, WebSocketProtocol):
+            continue
+        if protocol.state == protocol.STATE_OPEN and protocol.transport.producerPaused:
+            if now - behind_since.setdefault(protocol, now) > SLOW_READER_GRACE:
+                protocol.sendClose(code=CLOSE_TOO_SLOW, reason="too far behind, resume")
+        else:
+            behind_since.pop(protocol, None)
+
+
 def serving(server, host: str, port: int) -> None:
     """Daphne is about to serve: finish setting it up, and say where to go."""
-    from twisted.internet import reactor
+    from twisted.internet import reactor, task
 
     # Autobahn drops a connection it refuses without a word; a close frame says why
-    # (1009: a frame over MAX_FRAME).
-    server.ws_factory.setProtocolOptions(failByDrop=False)
+    # (1009: a frame over MAX_FRAME; 4008: too slow, after what was queued).
+    server.ws_factory.setProtocolOptions(
+        failByDrop=False, closeHandshakeTimeout=CATCH_UP_TIME
+    )
+    task.LoopingCall(close_slow_readers, server).start(1, now=False)
 
     def on_signal(signum, frame):
         reactor.callFromThread(lambda: spawn(shut_down(server, reactor)))

@@ -1452,6 +1452,47 @@ def test_a_reader_that_never_reads_harms_nobody_and_is_dropped():
     assert "Traceback" not in server.text, server.text
 
 
+def test_a_reader_too_far_behind_is_closed_with_4008_and_resumes_losing_nothing():
+    server = ChatServer("--rate-limit", "0")
+    port = int(server.url.rsplit(":", 1)[1])
+    uri = f"ws://127.0.0.1:{port}/ws/chat/lagging/"
+
+    async def scenario():
+        tiny = socket.socket()
+        tiny.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        tiny.connect(("127.0.0.1", port))
+        # max_queue=1: the client stops reading its socket until we call recv()
+        lagger = await asyncio_connect(uri, origin=server.url, sock=tiny, max_queue=1)
+        async with asyncio_connect(uri, origin=server.url, max_queue=None) as writer:
+            for k in range(3000):  # ~6 MB: more than the kernel's buffers hold
+                await writer.send(json.dumps({"message": f"{k} " + "x" * 1900}))
+            await messages_of(writer, 3000, timeout=60)
+            await asyncio.sleep(chat.SLOW_READER_GRACE + 3)  # the scenario: not reading
+            got = []
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    frame = json.loads(await lagger.recv())
+                    if frame["type"] == "message":
+                        got.append(frame)
+            assert closed.value.rcvd.code == chat.CLOSE_TOO_SLOW
+            await writer.send(json.dumps({"message": "while it was away"}))
+            query = f"?since={got[-1]['id']}&epoch={got[-1]['epoch']}"
+            async with asyncio_connect(uri + query, origin=server.url) as back:
+                missed = []
+                while (frame := json.loads(await back.recv()))["type"] != "welcome":
+                    missed.append(frame["message"])
+        ids = [f["id"] for f in got]
+        assert ids == list(range(ids[0], ids[0] + len(ids))), "a gap before the close"
+        assert got[-1]["message"].startswith("2999 ")
+        assert missed == ["while it was away"]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()
+    assert "Traceback" not in server.text, server.text
+
+
 def test_hundreds_leaving_redis_at_once_leave_no_membership_behind(redis_server):
     import redis
 
