@@ -1301,6 +1301,15 @@ def rss_kib(pid: int) -> int:
     return int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
 
 
+@pytest.fixture
+def server():
+    """A chat.py of a test's own, without a rate limit; its log must show no traceback."""
+    server = ChatServer("--rate-limit", "0")
+    yield server
+    server.stop()
+    assert "Traceback" not in server.text, server.text
+
+
 @pytest.mark.parametrize("layer", ["memory", "redis"])
 def test_a_burst_loses_nothing(layer, request):
     extra = (
@@ -1344,8 +1353,7 @@ def test_a_burst_loses_nothing(layer, request):
     assert "Traceback" not in server.text, server.text
 
 
-def test_connection_churn_leaks_nothing():
-    server = ChatServer("--rate-limit", "0")
+def test_connection_churn_leaks_nothing(server):
 
     async def churn(cycles: int):
         for start in range(0, cycles, 50):
@@ -1383,15 +1391,10 @@ def test_connection_churn_leaks_nothing():
         for ws in stayers:
             await ws.close()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        server.stop()
-    assert "Traceback" not in server.text, server.text
+    asyncio.run(scenario())
 
 
-def test_a_thousand_connections_in_ten_rooms_all_hear_their_room():
-    server = ChatServer("--rate-limit", "0")
+def test_a_thousand_connections_in_ten_rooms_all_hear_their_room(server):
 
     async def scenario():
         rooms = [await crowd(server.url, f"hall-{n}", 100) for n in range(10)]
@@ -1404,15 +1407,10 @@ def test_a_thousand_connections_in_ten_rooms_all_hear_their_room():
             for ws in members:
                 await ws.close()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        server.stop()
-    assert "Traceback" not in server.text, server.text
+    asyncio.run(scenario())
 
 
-def test_a_reader_that_never_reads_harms_nobody_and_is_dropped():
-    server = ChatServer("--rate-limit", "0")
+def test_a_reader_that_never_reads_harms_nobody_and_is_dropped(server):
     port = int(server.url.rsplit(":", 1)[1])
     slow = socket.socket()
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -1448,12 +1446,9 @@ def test_a_reader_that_never_reads_harms_nobody_and_is_dropped():
         asyncio.run(scenario())
     finally:
         slow.close()
-        server.stop()
-    assert "Traceback" not in server.text, server.text
 
 
-def test_a_reader_too_far_behind_is_closed_with_4008_and_resumes_losing_nothing():
-    server = ChatServer("--rate-limit", "0")
+def test_a_reader_too_far_behind_is_closed_with_4008_and_resumes_losing_nothing(server):
     port = int(server.url.rsplit(":", 1)[1])
     uri = f"ws://127.0.0.1:{port}/ws/chat/lagging/"
 
@@ -1486,11 +1481,7 @@ def test_a_reader_too_far_behind_is_closed_with_4008_and_resumes_losing_nothing(
         assert got[-1]["message"].startswith("2999 ")
         assert missed == ["while it was away"]
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        server.stop()
-    assert "Traceback" not in server.text, server.text
+    asyncio.run(scenario())
 
 
 def test_hundreds_leaving_redis_at_once_leave_no_membership_behind(redis_server):
