@@ -501,6 +501,11 @@ class MemoryRooms:
         room.history.append(frame)
         return frame
 
+    async def position(self, name: str) -> tuple[str, int]:
+        """The room's epoch and the id of its last message."""
+        room = self.room(name)
+        return room.epoch, room.last_id
+
     async def recent(self, name: str, since: int, epoch: str) -> tuple[str, int, list]:
         """The room's epoch, its last id, and its kept messages after `since`."""
         room = self.room(name)
@@ -589,15 +594,20 @@ class RedisRooms:
         args = [json.dumps(frame), new_epoch(), HISTORY_SIZE, ROOM_IDLE]
         return json.loads(await self.post_script(keys=[room, history], args=args))
 
-    async def recent(self, name: str, since: int, epoch: str) -> tuple[str, int, list]:
-        room, history, _ = self.keys(name)
+    async def position(self, name: str) -> tuple[str, int]:
+        room = self.keys(name)[0]
         async with self.redis.pipeline() as pipe:
             pipe.hsetnx(room, "epoch", new_epoch()).expire(room, ROOM_IDLE)
             pipe.hmget(room, "epoch", "last_id")
-            (room_epoch, last_id) = (await pipe.execute())[-1]
+            (epoch, last_id) = (await pipe.execute())[-1]
+        return epoch, int(last_id or 0)
+
+    async def recent(self, name: str, since: int, epoch: str) -> tuple[str, int, list]:
+        room_epoch, last_id = await self.position(name)
         since = since if epoch == room_epoch else 0
+        history = self.keys(name)[1]
         kept = await self.redis.zrange(history, f"({since}", "+inf", byscore=True)
-        return room_epoch, int(last_id or 0), [json.loads(entry) for entry in kept]
+        return room_epoch, last_id, [json.loads(entry) for entry in kept]
 
     async def between(self, name: str, first: int, last: int) -> list[dict]:
         kept = await self.redis.zrange(self.keys(name)[1], first, last, byscore=True)
@@ -661,8 +671,8 @@ class RedisRooms:
                     await self.redis.zadd(
                         members, dict.fromkeys(entries.values(), expiry)
                     )
-                    for channel in list(entries):
-                        await layer.group_add(group_name(name), channel)
+                    if name in hubs:
+                        await layer.group_add(group_name(name), hubs[name].channel)
                     await self.prune(name)
             except (redis.RedisError, OSError) as error:
                 print(
@@ -927,9 +937,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.user = clean_name(name)
         self.last_typing = 0.0
         self.rate_limit = RateLimit(settings.CHAT_RATE_LIMIT)
-        await self.channel_layer.group_add(self.room_group_name, self.channel_name)
+        self.backlog: list[dict] | None = []  # what arrives while history is replayed
         await self.accept()
         open_sockets.add(self)
+        await enter_hub(self)
         await self.send_history(since, epoch)
         presence = await rooms().join(self.room_name, self.channel_name, self.user)
         last_id = self.next_id - 1
@@ -937,6 +948,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             self.room_name, self.user, presence, self.epoch, last_id
         )
         await self.send_json(welcome)
+        while self.backlog:
+            await self.send_event(self.backlog.pop(0))
+        self.backlog = None
         announce(self.room_name, "join", self.user)
 
     async def send_history(self, since: int, epoch: str) -> None:
@@ -945,7 +959,6 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         for frame in missed:
             await self.send_json(frame)
         self.next_id = max([last_id] + [frame["id"] for frame in missed]) + 1
-        self.waiting: dict[int, dict] = {}  # messages that arrived before their turn
 
     async def disconnect(self, close_code):
         await self.leave_room()
@@ -955,9 +968,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if self.room_name:
             room, self.room_name = self.room_name, None
             open_sockets.discard(self)
-            await self.channel_layer.group_discard(
-                self.room_group_name, self.channel_name
-            )
+            leave_hub(room, self)
             await rooms().leave(room, self.channel_name)
             announce(room, "leave", self.user)
 
@@ -1013,7 +1024,6 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             event = frame_event(rename_frame(old, self.user, presence))
             await self.channel_layer.group_send(self.room_group_name, event)
 
-    # Events from the room's group: each carries its frame encoded once, as "text".
     async def dispatch(self, message):
         """Straight to the handler. (Channels 4.2+ first closes stale database
         connections, through a thread, before every handler: we have no database.)"""
@@ -1022,30 +1032,111 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             raise ValueError(f"no handler for message type {message['type']}")
         await handler(message)
 
-    async def chat_message(self, event):
-        """Messages go out in id order. One can overtake another when two processes
-        post at once: the ones it overtook are then taken from the history, or, when
-        this reader is so far behind that the history no longer has them, awaited."""
+    # Events from the room, handed over by its hub: each frame is encoded once, as "text".
+    async def deliver(self, event: dict) -> None:
+        if self.backlog is not None:
+            self.backlog.append(event)  # after the history and the welcome
+        else:
+            await self.send_event(event)
+
+    async def send_event(self, event: dict) -> None:
+        if event["type"] == "chat.message":
+            if event["epoch"] == self.epoch and event["id"] < self.next_id:
+                return  # in the history this member was sent
+            self.epoch, self.next_id = event["epoch"], event["id"] + 1
+        elif event.get("sender") == self.channel_name:
+            return  # one's own typing
+        await self.send(text_data=event["text"])
+
+
+class RoomHub:
+    """This process's one receiver for a room: it joins the room's group once and
+    hands each event to the room's members here, in id order (as channels-redis's
+    pub/sub layer does), so the layer carries a message once per process, not
+    once per member.
+
+    Messages can overtake each other when two processes post at once: the ones
+    overtaken are then taken from the history, or, when the history no longer has
+    them, awaited."""
+
+    def __init__(self, room: str):
+        self.room, self.members = room, set()
+        self.started = asyncio.ensure_future(self.start())
+
+    async def start(self) -> None:
+        layer = get_channel_layer()
+        self.channel = await layer.new_channel()
+        await layer.group_add(group_name(self.room), self.channel)
+        self.epoch, last_id = await rooms().position(self.room)
+        self.next_id, self.waiting = last_id + 1, {}
+        self.task = asyncio.ensure_future(self.run(layer))
+
+    async def run(self, layer) -> None:
+        try:
+            while True:
+                event = await layer.receive(self.channel)
+                for ready in await self.in_order(event):
+                    for member in list(self.members):
+                        with contextlib.suppress(Disconnected):
+                            await member.deliver(ready)
+        except (redis.RedisError, OSError) as error:
+            print(
+                f"chat.py: closing room {self.room}, Redis failed: {error}",
+                file=sys.stderr,
+            )
+            hubs.pop(self.room, None)
+            for member in list(self.members):
+                with contextlib.suppress(Exception):
+                    await member.close(code=CLOSE_UNAVAILABLE, reason="Redis failed")
+
+    async def in_order(self, event: dict) -> list[dict]:
+        if event["type"] != "chat.message":
+            return [event]
         if event["epoch"] != self.epoch:  # the room started over: follow it
             self.epoch, self.next_id, self.waiting = event["epoch"], event["id"], {}
         if event["id"] < self.next_id:
-            return  # already sent
+            return []  # already handed out
         if event["id"] > self.next_id and not self.waiting:
-            for missed in await rooms().between(
-                self.room_name, self.next_id, event["id"]
-            ):
-                self.waiting[missed["id"]] = json.dumps(missed)
-        self.waiting[event["id"]] = event["text"]
+            for missed in await rooms().between(self.room, self.next_id, event["id"]):
+                self.waiting[missed["id"]] = message_event(missed)
+        self.waiting[event["id"]] = event
         if self.next_id not in self.waiting and len(self.waiting) > HISTORY_SIZE:
-            self.next_id = min(self.waiting)  # the layer lost it; the page will notice
+            self.next_id = min(self.waiting)  # the layer lost it; pages will notice
+        ready = []
         while self.next_id in self.waiting:
-            await self.send(text_data=self.waiting.pop(self.next_id))
+            ready.append(self.waiting.pop(self.next_id))
             self.next_id += 1
+        return ready
 
-    async def chat_frame(self, event):
-        """Presence, renames and typing, passed on (typing not to its typist)."""
-        if event.get("sender") != self.channel_name:
-            await self.send(text_data=event["text"])
+    async def stop(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(redis.RedisError, OSError):
+            await get_channel_layer().group_discard(group_name(self.room), self.channel)
+
+
+hubs: dict[str, RoomHub] = {}
+
+
+async def enter_hub(member: ChatConsumer) -> None:
+    """Hand the room's events to a member, starting the room's hub if need be."""
+    hub = hubs.get(member.room_name) or hubs.setdefault(
+        member.room_name, RoomHub(member.room_name)
+    )
+    hub.members.add(member)
+    try:
+        await hub.started
+    except BaseException:
+        hubs.pop(member.room_name, None)  # the next member tries afresh
+        raise
+
+
+def leave_hub(room: str, member: ChatConsumer) -> None:
+    hub = hubs.get(room)
+    if hub and member in hub.members:
+        hub.members.discard(member)
+        if not hub.members:
+            del hubs[room]
+            spawn(hub.stop())
 
 
 open_sockets: set[ChatConsumer] = set()
@@ -1242,6 +1333,8 @@ async def shut_down(server, reactor) -> None:
     with contextlib.suppress(redis.RedisError, OSError):
         for room in list(pending_news):
             await send_news(room, pending_news.pop(room))
+    for hub in list(hubs.values()):
+        await hub.stop()
     reactor.stop()
 
 

@@ -281,6 +281,9 @@ async def fresh_layer(monkeypatch):
     limit (the tests of the limit set one)."""
     layer = get_channel_layer()
     await layer.flush()
+    for hub in list(chat.hubs.values()):
+        await hub.stop()
+    chat.hubs.clear()
     chat.rooms.cache_clear()
     monkeypatch.setattr(chat.settings, "CHAT_RATE_LIMIT", 0)
     yield layer
