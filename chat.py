@@ -479,7 +479,7 @@ class MemoryRoom:
     epoch: str = field(default_factory=new_epoch)
     last_id: int = 0
     history: deque = field(default_factory=lambda: deque(maxlen=HISTORY_SIZE))
-    members: dict[str, str] = field(default_factory=dict)  # channel name -> nickname
+    members: dict[str, str] = field(default_factory=dict)  # member id -> nickname
     used: float = field(default_factory=time.monotonic)
 
 
@@ -515,17 +515,17 @@ class MemoryRooms:
     async def between(self, name: str, first: int, last: int) -> list[dict]:
         return [f for f in self.room(name).history if first <= f["id"] <= last]
 
-    async def join(self, name: str, channel: str, nickname: str) -> Presence:
+    async def join(self, name: str, member: str, nickname: str) -> Presence:
         self.forget_idle_rooms()
-        self.room(name).members[channel] = nickname
+        self.room(name).members[member] = nickname
         return await self.presence(name)
 
-    async def leave(self, name: str, channel: str) -> Presence:
-        self.room(name).members.pop(channel, None)
+    async def leave(self, name: str, member: str) -> Presence:
+        self.room(name).members.pop(member, None)
         return await self.presence(name)
 
-    async def rename(self, name: str, channel: str, nickname: str) -> Presence:
-        self.room(name).members[channel] = nickname
+    async def rename(self, name: str, member: str, nickname: str) -> Presence:
+        self.room(name).members[member] = nickname
         return await self.presence(name)
 
     async def presence(self, name: str) -> Presence:
@@ -579,9 +579,7 @@ class RedisRooms:
         )
         self.post_script = self.redis.register_script(self.POST)
         self.prune_script = self.redis.register_script(self.PRUNE)
-        self.local: dict[
-            str, dict[str, str]
-        ] = {}  # room -> our channels -> member entry
+        self.local: dict[str, dict[str, str]] = {}  # room -> our members -> their entry
         self.keeper: asyncio.Task | None = None
 
     @staticmethod
@@ -613,9 +611,9 @@ class RedisRooms:
         kept = await self.redis.zrange(self.keys(name)[1], first, last, byscore=True)
         return [json.loads(entry) for entry in kept]
 
-    async def join(self, name: str, channel: str, nickname: str) -> Presence:
-        entry = f"{channel}\n{nickname}"
-        self.local.setdefault(name, {})[channel] = entry
+    async def join(self, name: str, member: str, nickname: str) -> Presence:
+        entry = f"{member}\n{nickname}"
+        self.local.setdefault(name, {})[member] = entry
         await self.redis.zadd(self.keys(name)[2], {entry: time.time() + MEMBER_TTL})
         await self.redis.zadd("chat:rooms", {name: time.time()})
         await self.redis.expire("chat:rooms", ROOM_IDLE)
@@ -623,18 +621,18 @@ class RedisRooms:
             self.keeper = asyncio.create_task(self.keep_members_alive())
         return await self.presence(name)
 
-    async def leave(self, name: str, channel: str) -> Presence:
+    async def leave(self, name: str, member: str) -> Presence:
         ours = self.local.get(name, {})
-        entry = ours.pop(channel, None)
+        entry = ours.pop(member, None)
         if not ours:
             self.local.pop(name, None)
         if entry:
             await self.redis.zrem(self.keys(name)[2], entry)
         return await self.presence(name)
 
-    async def rename(self, name: str, channel: str, nickname: str) -> Presence:
-        await self.leave(name, channel)
-        return await self.join(name, channel, nickname)
+    async def rename(self, name: str, member: str, nickname: str) -> Presence:
+        await self.leave(name, member)
+        return await self.join(name, member, nickname)
 
     async def presence(self, name: str) -> Presence:
         members = self.keys(name)[2]
@@ -908,6 +906,9 @@ class RateLimit:
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
+    # A member gets its room's events from the room's hub (below), so it needs no
+    # channel of its own: it only sends to the room's group.
+    channel_layer_alias = None
     room_name: str | None = None  # set once the handshake is accepted
 
     async def __call__(self, scope, receive, send):
@@ -935,6 +936,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         name, since, epoch = query_params(self.scope)
         self.room_name, self.room_group_name = room_name, group_name(room_name)
         self.user = clean_name(name)
+        self.member_id = secrets.token_hex(8)  # tells apart members of the same name
         self.last_typing = 0.0
         self.rate_limit = RateLimit(settings.CHAT_RATE_LIMIT)
         self.backlog: list[dict] | None = []  # what arrives while history is replayed
@@ -942,7 +944,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         open_sockets.add(self)
         await enter_hub(self)
         await self.send_history(since, epoch)
-        presence = await rooms().join(self.room_name, self.channel_name, self.user)
+        presence = await rooms().join(self.room_name, self.member_id, self.user)
         last_id = self.next_id - 1
         welcome = welcome_frame(
             self.room_name, self.user, presence, self.epoch, last_id
@@ -969,7 +971,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             room, self.room_name = self.room_name, None
             open_sockets.discard(self)
             leave_hub(room, self)
-            await rooms().leave(room, self.channel_name)
+            await rooms().leave(room, self.member_id)
             announce(room, "leave", self.user)
 
     # Frames from the browser: anything malformed is answered, never relayed.
@@ -1004,25 +1006,23 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         frame = await rooms().post(
             self.room_name, chat_frame(self.user, message_text(content))
         )
-        await self.channel_layer.group_send(self.room_group_name, message_event(frame))
+        await get_channel_layer().group_send(self.room_group_name, message_event(frame))
 
     async def typing(self, content: dict) -> None:
         if time.monotonic() - self.last_typing < TYPING_INTERVAL:
             return  # the page sends one every few seconds; more is noise
         self.last_typing = time.monotonic()
-        event = frame_event(typing_frame(self.user), sender=self.channel_name)
-        await self.channel_layer.group_send(self.room_group_name, event)
+        event = frame_event(typing_frame(self.user), sender=self.member_id)
+        await get_channel_layer().group_send(self.room_group_name, event)
 
     async def rename(self, content: dict) -> None:
         if not isinstance(content.get("name"), str):
             raise Refused('expected {"type": "rename", "name": "new name"}')
         old, self.user = self.user, clean_name(content["name"])
         if self.user != old:
-            presence = await rooms().rename(
-                self.room_name, self.channel_name, self.user
-            )
+            presence = await rooms().rename(self.room_name, self.member_id, self.user)
             event = frame_event(rename_frame(old, self.user, presence))
-            await self.channel_layer.group_send(self.room_group_name, event)
+            await get_channel_layer().group_send(self.room_group_name, event)
 
     async def dispatch(self, message):
         """Straight to the handler. (Channels 4.2+ first closes stale database
@@ -1044,7 +1044,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             if event["epoch"] == self.epoch and event["id"] < self.next_id:
                 return  # in the history this member was sent
             self.epoch, self.next_id = event["epoch"], event["id"] + 1
-        elif event.get("sender") == self.channel_name:
+        elif event.get("sender") == self.member_id:
             return  # one's own typing
         await self.send(text_data=event["text"])
 
