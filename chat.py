@@ -26,6 +26,7 @@ import contextlib
 import functools
 import hashlib
 import ipaddress
+import itertools
 import json
 import os
 import secrets
@@ -530,7 +531,9 @@ class MemoryRooms:
 
     async def presence(self, name: str) -> Presence:
         members = self.room(name).members
-        return Presence(len(members), list(members.values())[:MAX_LISTED])
+        return Presence(
+            len(members), list(itertools.islice(members.values(), MAX_LISTED))
+        )
 
     async def active(self) -> list[tuple[str, int]]:
         self.forget_idle_rooms()
@@ -966,7 +969,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self.leave_room()
 
     async def leave_room(self) -> None:
-        """Out of the group, the member list and the set of open sockets: once."""
+        """Out of the room's hub, its member list and the open sockets: once."""
         if self.room_name:
             room, self.room_name = self.room_name, None
             open_sockets.discard(self)
