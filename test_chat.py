@@ -565,6 +565,42 @@ async def test_idle_rooms_are_forgotten_in_memory(fresh_layer, monkeypatch):
     await bob.disconnect()
 
 
+# --- What the speed relies on ---
+
+
+@asyncio_test
+async def test_a_message_is_encoded_once_for_all_members(fresh_layer, monkeypatch):
+    members = [await joined("encode-once", name=f"m{n}") for n in range(5)]
+    await frames_within(members[0], 2 * chat.PRESENCE_DELAY)  # presence settles
+    encodes = []
+    real_dumps = json.dumps
+
+    def counting_dumps(*args, **kwargs):
+        encodes.append(args[0])
+        return real_dumps(*args, **kwargs)
+
+    monkeypatch.setattr(chat.json, "dumps", counting_dumps)
+    await members[0].send_json_to({"message": "once"})
+    for member in members:
+        assert (await next_json(member))["message"] == "once"
+    monkeypatch.undo()
+    messages = [
+        e for e in encodes if isinstance(e, dict) and e.get("type") == "message"
+    ]
+    assert len(messages) == 1, encodes
+    for member in members:
+        await member.disconnect()
+
+
+@asyncio_test
+async def test_one_receiver_per_room_and_process(fresh_layer):
+    members = [await joined("one-receiver") for _ in range(5)]
+    assert len(fresh_layer.groups[chat.group_name("one-receiver")]) == 1
+    for member in members:
+        await member.disconnect()
+    assert "one-receiver" not in chat.hubs
+
+
 # --- Presence, renames, typing ---
 
 
