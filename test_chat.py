@@ -1067,6 +1067,33 @@ def port_answers(port: int) -> bool:
         return False
 
 
+def test_script_header_lists_the_same_dependencies_as_requirements():
+    import tomllib
+
+    header = re.search(
+        r"^# /// script\n(.*?)^# ///$", CHAT_SOURCE, re.DOTALL | re.MULTILINE
+    ).group(1)
+    metadata = tomllib.loads("".join(line[2:] + "\n" for line in header.splitlines()))
+    requirements = (HERE / "requirements.txt").read_text().split()
+    assert metadata["dependencies"] == requirements
+    assert metadata["requires-python"] == ">=3.10"
+
+
+CHAT_SOURCE = (HERE / "chat.py").read_text()
+
+
+def test_a_program_can_start_the_server_with_main():
+    code = "import chat; chat.main(['--port', '0'])"
+    server = Process([sys.executable, "-c", code])
+    try:
+        url = server.wait_for_line("chat.py: open ").split()[-1]
+        with urllib.request.urlopen(url, timeout=TIMEOUT) as page:
+            assert page.status == 200
+    finally:
+        assert server.stop() == 0
+    assert "Traceback" not in server.text, server.text
+
+
 def test_importing_chat_starts_nothing():
     code = "import sys, chat; print('twisted.internet.reactor' in sys.modules)"
     done = subprocess.run(
