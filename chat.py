@@ -680,7 +680,7 @@ class RedisRooms:
                     await self.redis.zadd(
                         members, dict.fromkeys(entries.values(), expiry)
                     )
-                    if name in hubs:
+                    if name in hubs and hubs[name].channel:
                         await layer.group_add(group_name(name), hubs[name].channel)
                     await self.prune(name)
             except STORE_ERRORS as error:
@@ -1072,6 +1072,8 @@ class RoomHub:
 
     def __init__(self, room: str):
         self.room, self.members = room, set()
+        self.channel: str | None = None
+        self.task: asyncio.Future | None = None
         self.started = asyncio.ensure_future(self.start())
 
     async def start(self) -> None:
@@ -1120,9 +1122,14 @@ class RoomHub:
         return ready
 
     async def stop(self) -> None:
-        self.task.cancel()
-        with contextlib.suppress(*STORE_ERRORS):
-            await get_channel_layer().group_discard(group_name(self.room), self.channel)
+        self.started.cancel()  # (if its last member left before it had started)
+        if self.task:
+            self.task.cancel()
+        if self.channel:
+            with contextlib.suppress(*STORE_ERRORS):
+                await get_channel_layer().group_discard(
+                    group_name(self.room), self.channel
+                )
 
 
 hubs: dict[str, RoomHub] = {}
