@@ -68,9 +68,9 @@ TYPING_INTERVAL = 2  #: seconds between "is typing" frames of one member
 MEMBER_TTL = 20  #: seconds a member of a vanished process stays listed (Redis)
 LOBBY_SIZE = 50  #: rooms listed in the lobby
 LOBBY_REFRESH = 3  #: seconds between the lobby's updates
-CHANNEL_CAPACITY = 20_000  #: messages waiting per member before the layer drops more
+CHANNEL_CAPACITY = 20_000  #: messages waiting for a room's hub before the layer drops
 #: Seconds a message may wait in the channel layer. Channels' default, 60 s, lost the tail
-#: of a 500,000-delivery burst (and the in-memory layer then drops the member's groups).
+#: of a 500,000-delivery burst (and the in-memory layer then drops the hub's groups).
 LAYER_EXPIRY = 300
 RATE_LIMIT = 5  #: frames a second per connection, in bursts of as many (--rate-limit)
 MAX_FRAME = 64 * 1024  #: bytes per WebSocket frame; bigger ones close the socket (1009)
@@ -85,13 +85,13 @@ SHUTDOWN_GRACE = 3  #: seconds members get to close their sockets when the serve
 #: How chat.py talks to Redis. channels-redis waits in BZPOPMIN for 5 s at a time, so a
 #: socket timeout of 5 s or less (redis-py 8's default) kills every idle member with a
 #: TimeoutError (channels_redis#422); a health check notices a dead server all the same.
-#: A connection per Redis call in flight: redis-py 8's default of 100 makes the 101st
-#: fail (MaxConnectionsError) when a crowd leaves at once.
 REDIS_OPTIONS = {
     "socket_timeout": 15,
     "socket_connect_timeout": 5,
     "socket_keepalive": True,
     "health_check_interval": 10,
+    # One connection per Redis call in flight: redis-py 8's default of 100 fails the
+    # 101st (MaxConnectionsError) when a crowd leaves at once.
     "max_connections": 5000,
 }
 GROUP_EXPIRY = 120  #: seconds a Redis group membership lasts unless renewed (see below)
@@ -537,9 +537,8 @@ class MemoryRooms:
 
     async def presence(self, name: str) -> Presence:
         members = self.room(name).members
-        return Presence(
-            len(members), list(itertools.islice(members.values(), MAX_LISTED))
-        )
+        names = list(itertools.islice(members.values(), MAX_LISTED))
+        return Presence(len(members), names)
 
     async def active(self) -> list[tuple[str, int]]:
         self.forget_idle_rooms()
@@ -816,9 +815,8 @@ def chat_frame(user: str, text: str) -> dict:
 
 
 def presence_frame(kind: str, names: list[str], presence: Presence) -> dict:
-    shown = ", ".join(names[:3]) + (
-        f" and {len(names) - 3} more" if len(names) > 3 else ""
-    )
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    shown = ", ".join(names[:3]) + more
     return {
         "type": kind,
         "message": f"{shown} {'joined' if kind == 'join' else 'left'}",
@@ -829,7 +827,9 @@ def presence_frame(kind: str, names: list[str], presence: Presence) -> dict:
     }
 
 
-def welcome_frame(room: str, user: str, presence: Presence, epoch: str, last_id: int):
+def welcome_frame(
+    room: str, user: str, presence: Presence, epoch: str, last_id: int
+) -> dict:
     return {
         "type": "welcome",
         "message": f"Welcome to {room}, {user}! {presence.count} online.",
@@ -1339,14 +1339,8 @@ async def shut_down(server, reactor) -> None:
     ASGI's websocket.close cannot say 1001 through Daphne (autobahn's sendClose takes
     1000 or 3000-4999 from applications), so the frame goes out on each of Daphne's
     WebSocket connections directly."""
-    from daphne.ws_protocol import WebSocketProtocol
-
-    for protocol in list(server.connections):
-        if (
-            isinstance(protocol, WebSocketProtocol)
-            and protocol.state == protocol.STATE_OPEN
-        ):
-            protocol.sendCloseFrame(code=1001, reasonUtf8=b"server shutting down")
+    for protocol in open_websockets(server):
+        protocol.sendCloseFrame(code=1001, reasonUtf8=b"server shutting down")
     deadline = time.monotonic() + SHUTDOWN_GRACE
     while open_sockets and time.monotonic() < deadline:
         await asyncio.sleep(0.05)  # each closing handshake ends in disconnect()
@@ -1366,17 +1360,24 @@ def close_slow_readers(server) -> None:
     producer) for SLOW_READER_GRACE is too far behind: it is closed (4008) behind
     what was queued for it, and gets no more. Its page reads the rest, then
     reconnects with since= and loses nothing."""
+    now = time.monotonic()
+    for protocol in open_websockets(server):
+        if not protocol.transport.producerPaused:
+            behind_since.pop(protocol, None)
+        elif now - behind_since.setdefault(protocol, now) > SLOW_READER_GRACE:
+            protocol.sendClose(code=CLOSE_TOO_SLOW, reason="too far behind, resume")
+
+
+def open_websockets(server) -> list:
+    """Daphne's open WebSocket connections (autobahn protocols)."""
     from daphne.ws_protocol import WebSocketProtocol
 
-    now = time.monotonic()
-    for protocol in list(server.connections):
-        if not isinstance(protocol, WebSocketProtocol):
-            continue
-        if protocol.state == protocol.STATE_OPEN and protocol.transport.producerPaused:
-            if now - behind_since.setdefault(protocol, now) > SLOW_READER_GRACE:
-                protocol.sendClose(code=CLOSE_TOO_SLOW, reason="too far behind, resume")
-        else:
-            behind_since.pop(protocol, None)
+    return [
+        protocol
+        for protocol in list(server.connections)
+        if isinstance(protocol, WebSocketProtocol)
+        and protocol.state == protocol.STATE_OPEN
+    ]
 
 
 def serving(server, host: str, port: int) -> None:
