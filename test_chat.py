@@ -1108,7 +1108,7 @@ def test_importing_chat_starts_nothing():
 
 # === Redis tests ===
 
-IDLE = 10  # seconds: longer than channels-redis's 5 s BZPOPMIN and redis-py's timeout
+IDLE = 10  # seconds: longer than redis-py's 5 s socket timeout
 
 
 def test_two_processes_share_a_room_through_redis_even_after_idling(redis_server):
@@ -1273,6 +1273,30 @@ def test_members_of_a_killed_process_vanish(two_servers):
         assert leave["members"] == ["ana"] and leave["count"] == 1
         rooms = get_json(one.url + "/chat/rooms.json")["rooms"]
         assert {"name": "crash", "count": 1} in rooms
+
+
+def test_a_message_pub_sub_dropped_still_reaches_members(redis_server):
+    """Pub/sub forgets what is published while a subscriber reconnects. Here the
+    message goes only into the room's history, as if its PUBLISH had been lost:
+    the hub's periodic check finds it there."""
+    server = ChatServer("--redis", redis_server)
+
+    async def post_without_publishing():
+        await chat.RedisRooms(redis_server).post("lossy", chat.chat_frame("x", "lost"))
+
+    try:
+        with server.websocket("lossy", name="ana") as ana:
+            next_frame(ana, "welcome")
+            post(ana, "first")
+            assert next_frame(ana)["id"] == 1
+            asyncio.run(post_without_publishing())
+            late = next_frame(ana)
+            assert (late["id"], late["message"]) == (2, "lost")
+            post(ana, "after")
+            assert next_frame(ana)["id"] == 3
+    finally:
+        server.stop()
+    assert "Traceback" not in server.text, server.text
 
 
 def test_redis_outage_closes_sockets_then_the_chat_recovers():
@@ -1554,16 +1578,20 @@ def test_hundreds_leaving_redis_at_once_leave_no_membership_behind(redis_server)
     import redis
 
     server = ChatServer("--redis", redis_server, "--rate-limit", "0")
+    client = redis.Redis.from_url(redis_server)
+    group = f"asgi__group__{chat.group_name('exodus')}"  # the pub/sub channel
+
+    def subscribers() -> int:
+        return client.pubsub_numsub(group)[0][1]
 
     async def scenario():
         members = await crowd(server.url, "exodus", 300)
+        assert subscribers() == 1  # the room's hub in this process
         await asyncio.gather(*(ws.close() for ws in members))
 
     try:
         asyncio.run(scenario())
-        client = redis.Redis.from_url(redis_server)
-        group = f"asgi:group:{chat.group_name('exodus')}"
-        wait_until(lambda: client.zcard(group) == 0, what="the group to empty")
+        wait_until(lambda: subscribers() == 0, what="the room's subscription to end")
         rooms = get_json(server.url + "/chat/rooms.json")["rooms"]
         assert all(room["name"] != "exodus" for room in rooms), rooms
     finally:
