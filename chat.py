@@ -34,6 +34,7 @@ import secrets
 import signal
 import socket
 import sys
+import threading
 import time
 import unicodedata
 import weakref
@@ -54,6 +55,7 @@ from django.core.asgi import get_asgi_application
 from django.http import Http404, HttpResponse, JsonResponse
 from django.template import engines
 from django.urls import path, re_path
+from django.utils import autoreload
 from django.views.generic import RedirectView
 
 # Configuration ###############################################################
@@ -171,6 +173,7 @@ if not settings.configured:
         ],
         TEMPLATES=[{"BACKEND": "django.template.backends.django.DjangoTemplates"}],
         CHAT_RATE_LIMIT=RATE_LIMIT,
+        CHAT_QUIET=False,
     )
     use_redis(os.environ.get("REDIS_URL") or None)
     django.setup()
@@ -809,6 +812,29 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
+def log(message: str) -> None:
+    """One line in the server's log per arrival, departure or refusal (--quiet:
+    none). Problems go to stderr whatever the flag."""
+    if not settings.CHAT_QUIET:
+        print(f"chat.py: {time.strftime('%H:%M:%S')} {message}", flush=True)
+
+
+def client_of(scope) -> str:
+    host, port = scope.get("client") or ("?", 0)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+CLOSE_REASONS = {
+    1000: "closed",
+    1001: "going away",
+    1005: "closed",
+    1006: "connection lost",
+    1009: "frame too big",
+    CLOSE_TOO_SLOW: "too far behind",
+    CLOSE_UNAVAILABLE: "Redis unavailable",
+}
+
+
 def chat_frame(user: str, text: str) -> dict:
     """A message as posted; the room's store adds its "id" and "epoch"."""
     return {"type": "message", "message": text, "user": user, "ts": now()}
@@ -942,6 +968,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def connect(self):
         room_name = self.scope["url_route"]["kwargs"].get("room_name", "")
         if not is_valid_room(room_name):
+            log(f"refused {client_of(self.scope)}: no room at {self.scope['path']!r}")
             await self.close()  # before accept(): the handshake is refused (403)
             return
         name, since, epoch = query_params(self.scope)
@@ -965,6 +992,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.send_event(self.backlog.pop(0))
         self.backlog = None
         announce(self.room_name, "join", self.user)
+        log(
+            f"{self.user} joined {self.room_name!r} from {client_of(self.scope)}"
+            f" ({presence.count} here)"
+        )
 
     async def send_history(self, since: int, epoch: str) -> None:
         """Replay what the member missed, then expect the message after it."""
@@ -974,6 +1005,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.next_id = max([last_id] + [frame["id"] for frame in missed]) + 1
 
     async def disconnect(self, close_code):
+        if self.room_name:
+            why = CLOSE_REASONS.get(close_code, f"code {close_code}")
+            log(f"{self.user} left {self.room_name!r}: {why}")
         await self.leave_room()
 
     async def leave_room(self) -> None:
@@ -1206,8 +1240,10 @@ class HostCheck:
         host = headers.get(b"host", b"").decode("latin-1").lower()
         origin = urlsplit(headers.get(b"origin", b"").decode("latin-1")).netloc.lower()
         if scope["type"] == "websocket" and (origin != host or not is_own_host(host)):
+            log(f"refused {client_of(scope)}: Origin {origin!r} for Host {host!r}")
             return await WebsocketDenier.as_asgi()(scope, receive, send)
         if scope["type"] == "http" and not is_own_host(host):
+            log(f"refused {client_of(scope)}: unknown Host {host!r}")
             return await refuse_http(send, 400, b"Bad Request: unknown host\n")
         return await self.app(scope, receive, send)
 
@@ -1264,6 +1300,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--debug", action="store_true", help="Django's DEBUG: tracebacks in pages"
     )
+    parser.add_argument(
+        "--quiet", action="store_true", help="no log line per arrival and departure"
+    )
+    parser.add_argument(
+        "--reload", action="store_true", help="restart when chat.py is saved"
+    )
+    parser.add_argument(
+        "--workers",
+        metavar="N",
+        type=int,
+        default=1,
+        help="serve with N processes sharing one port (needs --redis)",
+    )
+    parser.add_argument(
+        "--proxy-headers",
+        action="store_true",
+        help="behind a proxy: take client addresses from X-Forwarded-For",
+    )
     return parser.parse_args(argv)
 
 
@@ -1304,7 +1358,7 @@ def daphne_endpoint(sock: socket.socket) -> str:
     return f"tcp6:port={port}:interface={interface}"
 
 
-def print_banner(host: str, port: int) -> None:
+def print_banner(host: str, port: int, workers: int = 1) -> None:
     """Where to open the chat: with a wildcard host (workshop mode), every address
     of this machine, so that people in the room can type one in."""
     wildcard = host in ("0.0.0.0", "::", "")
@@ -1313,35 +1367,85 @@ def print_banner(host: str, port: int) -> None:
         print(f"chat.py: open http://{shown}:{port}/chat/", flush=True)
     redis_url = settings.CHAT_REDIS_URL
     layer = f"Redis at {redis_url}" if redis_url else "in memory"
-    print(f"chat.py: channel layer: {layer}. Ctrl-C stops.", flush=True)
+    processes = f", {workers} worker processes" if workers > 1 else ""
+    print(f"chat.py: channel layer: {layer}{processes}. Ctrl-C stops.", flush=True)
+    limit = settings.CHAT_RATE_LIMIT
+    print(
+        f"chat.py: limits: {f'{limit:g} frames/s' if limit else 'no rate limit'}"
+        f" per connection, {MAX_MESSAGE} characters a message,"
+        f" {HISTORY_SIZE} messages of history a room",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     use_redis(args.redis)
+    if args.workers > 1 and not args.redis:
+        fail("--workers needs --redis: that is how the workers share rooms")
     if args.redis:
         check_redis(args.redis)
     settings.CHAT_HOSTS += [args.host.lower(), *(h.lower() for h in args.allowed_host)]
     settings.CHAT_RATE_LIMIT = args.rate_limit
     settings.DEBUG = args.debug
-    sock = listen(args.host, args.port)
-    port = sock.getsockname()[1]
+    settings.CHAT_QUIET = args.quiet
+    if args.reload:
+        # Django's autoreloader: a child process serves, and is started afresh
+        # whenever a loaded file (chat.py above all) is saved.
+        autoreload.run_with_reloader(lambda: serve(args, listen(args.host, args.port)))
+    elif args.workers > 1:
+        run_workers(args, listen(args.host, args.port))
+    else:
+        serve(args, listen(args.host, args.port))
 
+
+def serve(args: argparse.Namespace, sock: socket.socket, banner: bool = True) -> None:
     # Importing Daphne's server installs Twisted's asyncio reactor: only when serving.
     from daphne.server import Server
 
+    port = sock.getsockname()[1]
+    proxy = {"proxy_forwarded_address_header": "X-Forwarded-For"}
+    proxy["proxy_forwarded_port_header"] = "X-Forwarded-Port"
+    proxy["proxy_forwarded_proto_header"] = "X-Forwarded-Proto"
     server = Server(
         application,
         endpoints=[daphne_endpoint(sock)],
-        ready_callable=lambda: serving(server, args.host, port),
+        ready_callable=lambda: serving(server, args.host, port, banner),
         websocket_max_message_size=MAX_FRAME,
         websocket_max_frame_size=MAX_FRAME,
         ping_interval=PING_INTERVAL,
         ping_timeout=PING_TIMEOUT,
         signal_handlers=False,  # ours (see serving) close the sockets before stopping
         verbosity=0,
+        **(proxy if args.proxy_headers else {}),
     )
     server.run()
+
+
+def run_workers(args: argparse.Namespace, sock: socket.socket) -> None:
+    """--workers N: N Daphne processes accept from one socket (the kernel spreads
+    the connections) and share the rooms through Redis. Ctrl-C stops them all."""
+    if sock.family != socket.AF_INET:
+        fail("--workers listens on IPv4 addresses only")
+    port, workers = sock.getsockname()[1], []
+    for _ in range(args.workers):
+        pid = os.fork()
+        if pid == 0:  # a worker
+            serve(args, sock, banner=False)
+            os._exit(0)
+        workers.append(pid)
+    sock.close()
+    print_banner(args.host, port, args.workers)
+
+    def stop_workers(signum, frame):
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, stop_workers)
+    signal.signal(signal.SIGTERM, stop_workers)
+    for pid in workers:
+        os.waitpid(pid, 0)
 
 
 async def shut_down(server, reactor) -> None:
@@ -1393,7 +1497,7 @@ def open_websockets(server) -> list:
     ]
 
 
-def serving(server, host: str, port: int) -> None:
+def serving(server, host: str, port: int, banner: bool) -> None:
     """Daphne is about to serve: finish setting it up, and say where to go."""
     from twisted.internet import reactor, task
 
@@ -1405,11 +1509,16 @@ def serving(server, host: str, port: int) -> None:
     task.LoopingCall(close_slow_readers, server).start(1, now=False)
 
     def on_signal(signum, frame):
+        for stop in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(stop, signal.SIG_IGN)  # already stopping
         reactor.callFromThread(lambda: spawn(shut_down(server, reactor)))
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    print_banner(host, port)
+    # (Under --reload, Django's reloader owns the main thread, and Ctrl-C.)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+    if banner:
+        print_banner(host, port)
 
 
 if __name__ == "__main__":

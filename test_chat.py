@@ -10,6 +10,7 @@ when CI=true.
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import queue
@@ -898,7 +899,13 @@ def test_taken_port_is_one_clear_line_and_exit_1(live_server):
 
 
 @pytest.mark.parametrize(
-    "args", [["--bogus"], ["--port", "eighty"], ["--redis", "redis://127.0.0.1:1/0"]]
+    "args",
+    [
+        ["--bogus"],
+        ["--port", "eighty"],
+        ["--redis", "redis://127.0.0.1:1/0"],
+        ["--workers", "2"],  # without Redis, workers could not share rooms
+    ],
 )
 def test_bad_flag_or_unreachable_redis_is_one_clear_line(args):
     done = subprocess.run(
@@ -925,7 +932,7 @@ def test_help_documents_the_flags():
         text=True,
     )
     assert done.returncode == 0
-    for flag in ("--host", "--port", "--redis"):
+    for flag in ("--host", "--port", "--redis", "--reload", "--workers", "--quiet"):
         assert flag in done.stdout
 
 
@@ -1104,6 +1111,105 @@ def test_importing_chat_starts_nothing():
         text=True,
     )
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_uvicorn_serves_chat_application_too():
+    pytest.importorskip("uvicorn")
+    port = free_port()
+    uvicorn = Process(
+        [sys.executable, "-m", "uvicorn", "--port", str(port), "chat:application"]
+    )
+    try:
+        wait_until(lambda: port_answers(port), what="uvicorn chat:application")
+        assert http_status(f"http://127.0.0.1:{port}/chat/") == 200
+        with open_socket(f"http://127.0.0.1:{port}", "via-uvicorn") as ws:
+            post(ws, "served by uvicorn")
+            assert next_frame(ws)["message"] == "served by uvicorn"
+    finally:
+        uvicorn.stop()
+    assert "Traceback" not in uvicorn.text, uvicorn.text
+
+
+def test_uv_runs_the_script_from_its_header(tmp_path):
+    """The gist path: `uv run chat.py` installs what the header lists, by itself."""
+    uv = need("uv")
+    shutil.copy(HERE / "chat.py", tmp_path / "chat.py")
+    server = Process(
+        [uv, "run", "--no-project", "chat.py", "--port", "0"],
+        cwd=tmp_path,
+        env={"UV_CACHE_DIR": str(tmp_path / "cache"), "VIRTUAL_ENV": ""},
+    )
+    try:
+        url = server.wait_for_line("chat.py: open ", timeout=300).split()[-1]
+        assert http_status(url) == 200
+    finally:
+        assert server.stop() == 0
+    assert "Traceback" not in server.text, server.text
+
+
+def test_log_says_who_came_and_went_and_what_was_refused():
+    server = ChatServer()
+    try:
+        with server.websocket("logged", name="ana") as ana:
+            next_frame(ana, "welcome")
+            server.wait_for_line("chat.py: ")  # the limits line of the banner
+            joined = server.wait_for_line("chat.py: ")
+            assert re.fullmatch(
+                r"chat\.py: \d\d:\d\d:\d\d ana joined 'logged' from 127\.0\.0\.1:\d+"
+                r" \(1 here\)",
+                joined,
+            ), joined
+        assert server.wait_for_line("chat.py: ").endswith("ana left 'logged': closed")
+        with pytest.raises(InvalidStatus):
+            server.websocket("logged", origin="http://evil.example")
+        assert "refused 127.0.0.1:" in server.wait_for_line("chat.py: ")
+        with pytest.raises(InvalidStatus):
+            server.websocket("bad.room")
+        assert "no room at '/ws/chat/bad.room/'" in server.wait_for_line("chat.py: ")
+    finally:
+        server.stop()
+
+    quiet = ChatServer("--quiet")
+    try:
+        with quiet.websocket("logged", name="bob") as bob:
+            next_frame(bob, "welcome")
+    finally:
+        quiet.stop()
+    assert "bob" not in quiet.text and "limits:" in quiet.text, quiet.text
+
+
+def test_reload_restarts_on_save_and_clients_chat_again(tmp_path):
+    """Live coding: save chat.py, and the server comes back by itself."""
+    script = tmp_path / "chat.py"
+    script.write_text(CHAT_SOURCE)
+    port = free_port()
+    server = Process(
+        [sys.executable, str(script), "--reload", "--port", str(port)], cwd=tmp_path
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        server.wait_for_line("chat.py: open ")
+        with open_socket(base, "live") as ws:
+            post(ws, "before the edit")
+            assert next_frame(ws)["message"] == "before the edit"
+            edited = CHAT_SOURCE.replace("MAX_NAME = 32", "MAX_NAME = 20")
+            deadline = time.monotonic() + TIMEOUT
+            with pytest.raises(ConnectionClosed):  # the old server goes away
+                while time.monotonic() < deadline:
+                    # Saved again each second: the reloader may not have taken
+                    # its first look at the file yet when the test edits it.
+                    script.write_text(edited)
+                    with contextlib.suppress(TimeoutError):
+                        ws.recv(timeout=1)
+        server.wait_for_line("chat.py: open ")
+        wait_until(lambda: port_answers(port), what="the server to come back")
+        with open_socket(base, "live", name="x" * 30) as ws:
+            assert next_frame(ws, "welcome")["user"] == "x" * 20  # the edited code
+            post(ws, "after the edit")
+            assert next_frame(ws)["message"] == "after the edit"
+    finally:
+        server.stop(signal.SIGINT)
+    assert "Traceback" not in server.text, server.text
 
 
 # === Redis tests ===
@@ -1572,6 +1678,117 @@ def test_a_reader_too_far_behind_is_closed_with_4008_and_resumes_losing_nothing(
         assert missed == ["while it was away"]
 
     asyncio.run(scenario())
+
+
+def test_workers_share_one_port_and_the_rooms(redis_server):
+    server = ChatServer("--workers", "2", "--redis", redis_server)
+    try:
+        assert "2 worker processes" in server.banner_layer
+        pids: set[int] = set()
+        wait_until(
+            lambda: pids.add(get_json(server.url + "/healthz")["pid"]) or len(pids) > 1,
+            what="answers from both workers",
+        )
+        with contextlib.ExitStack() as stack:
+            by_worker: dict[int, tuple[str, object]] = {}
+            for i in itertools.count():  # members until there is one on each worker
+                ws = stack.enter_context(server.websocket("by-workers", name=f"m{i}"))
+                next_frame(ws, "welcome")
+                by_worker.setdefault(worker_of(ws, pids), (f"m{i}", ws))
+                if len(by_worker) == 2:
+                    break
+            (_, first), (second_name, second) = by_worker.values()
+            frames_until(first, lambda f: second_name in f.get("users", []))
+            post(second, "across workers")
+            assert next_frame(first)["message"] == "across workers"
+            with server.websocket("by-workers") as late:
+                assert next_frame(late)["message"] == "across workers"  # history
+    finally:
+        assert server.stop(signal.SIGINT) == 0
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
+    assert "Traceback" not in server.text, server.text
+
+
+def worker_of(ws, pids: set[int]) -> int:
+    """Which worker process holds the server's end of a client's connection."""
+    client_port, inode = ws.socket.getsockname()[1], None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[2].rsplit(":", 1)[1], 16) == client_port:
+            inode = fields[9]
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) == f"socket:[{inode}]":
+                    return pid
+    raise AssertionError(f"no worker holds the connection from port {client_port}")
+
+
+def test_nginx_from_the_readme_spreads_two_processes(redis_server, tmp_path):
+    """The README's nginx configuration, as written, on loopback ports."""
+    nginx = need("nginx")
+    ports = [free_port(), free_port()]
+    flags = ["--redis", redis_server, "--allowed-host", "chat.example.org"]
+    servers = [ChatServer(*flags, "--proxy-headers", port=port) for port in ports]
+    proxy_port = free_port()
+    config = re.search(r"```nginx\n(.*?)```", README, re.DOTALL).group(1)
+    config = config.replace("listen 80;", f"listen 127.0.0.1:{proxy_port};")
+    config = config.replace(":8001;", f":{ports[0]};").replace(
+        ":8002;", f":{ports[1]};"
+    )
+    (tmp_path / "chat.conf").write_text(config)
+    (tmp_path / "nginx.conf").write_text(
+        f"daemon off; pid {tmp_path}/nginx.pid; error_log stderr;\n"
+        f"events {{}}\nhttp {{ access_log off; include {tmp_path}/chat.conf; }}\n"
+    )
+    proxy = Process([nginx, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")])
+    host = f"chat.example.org:{proxy_port}"
+    try:
+        wait_until(lambda: port_answers(proxy_port), what="nginx to listen")
+        pids = {get_json_via(proxy_port, host, "/healthz")["pid"] for _ in range(4)}
+        assert len(pids) == 2, "nginx should spread requests over both processes"
+        with (
+            via_proxy(proxy_port, host, "ana") as ana,
+            via_proxy(proxy_port, host, "bob") as bob,
+        ):
+            next_frame(ana, "welcome")
+            assert next_frame(bob, "welcome")["count"] == 2
+            post(ana, "through nginx")
+            assert next_frame(bob)["message"] == "through nginx"
+
+        def joined() -> list[str]:
+            lines = servers[0].output + servers[1].output
+            return [line for line in lines if " joined " in line]
+
+        wait_until(lambda: len(joined()) == 2, what="both arrivals in the logs")
+        assert all("from 127.0.0.1:" in line for line in joined()), joined()
+    finally:
+        proxy.stop()
+        for server in servers:
+            server.stop()
+    assert "Traceback" not in servers[0].text + servers[1].text
+
+
+def get_json_via(port: int, host: str, path: str) -> dict:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+    request.add_header("Host", host)
+    with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+        return json.loads(response.read())
+
+
+def via_proxy(port: int, host: str, name: str):
+    """A WebSocket to the proxy on loopback, from a page of http://<host>, with a
+    forged client address (the proxy must replace it)."""
+    return connect(
+        f"ws://{host}/ws/chat/proxied/?name={name}",
+        sock=socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT),
+        origin=f"http://{host}",
+        additional_headers={"X-Forwarded-For": "203.0.113.9"},
+        open_timeout=TIMEOUT,
+    )
+
+
+README = (HERE / "README.md").read_text()
 
 
 def test_hundreds_leaving_redis_at_once_leave_no_membership_behind(redis_server):
