@@ -686,7 +686,8 @@ class RedisRooms:
                     )
                     await self.prune(name)
                     if name in hubs:
-                        await hubs[name].catch_up((await self.position(name))[1])
+                        _, last_id = await self.position(name)
+                        await hubs[name].catch_up(last_id)
             except STORE_ERRORS as error:
                 for hub in list(hubs.values()):
                     await hub.close_room(error)
@@ -1392,21 +1393,30 @@ def main(argv: list[str] | None = None) -> None:
     if args.reload:
         # Django's autoreloader: a child process serves, and is started afresh
         # whenever a loaded file (chat.py above all) is saved.
-        autoreload.run_with_reloader(lambda: serve(args, listen(args.host, args.port)))
+        autoreload.run_with_reloader(serve, args)
     elif args.workers > 1:
-        run_workers(args, listen(args.host, args.port))
+        run_workers(args)
     else:
-        serve(args, listen(args.host, args.port))
+        serve(args)
 
 
-def serve(args: argparse.Namespace, sock: socket.socket, banner: bool = True) -> None:
+#: What --proxy-headers tells Daphne: the client is the one the proxy names.
+PROXY_HEADERS = {
+    "proxy_forwarded_address_header": "X-Forwarded-For",
+    "proxy_forwarded_port_header": "X-Forwarded-Port",
+    "proxy_forwarded_proto_header": "X-Forwarded-Proto",
+}
+
+
+def serve(args: argparse.Namespace, sock: socket.socket | None = None) -> None:
+    """Run Daphne on `sock`, or on a socket of its own (then it says where to go)."""
+    banner = sock is None
+    sock = sock or listen(args.host, args.port)
+    port = sock.getsockname()[1]
+
     # Importing Daphne's server installs Twisted's asyncio reactor: only when serving.
     from daphne.server import Server
 
-    port = sock.getsockname()[1]
-    proxy = {"proxy_forwarded_address_header": "X-Forwarded-For"}
-    proxy["proxy_forwarded_port_header"] = "X-Forwarded-Port"
-    proxy["proxy_forwarded_proto_header"] = "X-Forwarded-Proto"
     server = Server(
         application,
         endpoints=[daphne_endpoint(sock)],
@@ -1417,21 +1427,22 @@ def serve(args: argparse.Namespace, sock: socket.socket, banner: bool = True) ->
         ping_timeout=PING_TIMEOUT,
         signal_handlers=False,  # ours (see serving) close the sockets before stopping
         verbosity=0,
-        **(proxy if args.proxy_headers else {}),
+        **(PROXY_HEADERS if args.proxy_headers else {}),
     )
     server.run()
 
 
-def run_workers(args: argparse.Namespace, sock: socket.socket) -> None:
+def run_workers(args: argparse.Namespace) -> None:
     """--workers N: N Daphne processes accept from one socket (the kernel spreads
     the connections) and share the rooms through Redis. Ctrl-C stops them all."""
+    sock = listen(args.host, args.port)
     if sock.family != socket.AF_INET:
         fail("--workers listens on IPv4 addresses only")
     port, workers = sock.getsockname()[1], []
     for _ in range(args.workers):
         pid = os.fork()
         if pid == 0:  # a worker
-            serve(args, sock, banner=False)
+            serve(args, sock)
             os._exit(0)
         workers.append(pid)
     sock.close()
