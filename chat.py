@@ -954,17 +954,19 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         room: also when the browser vanished while we were sending to it, or when
         Redis went away (then the close code says so, and the page comes back when
         Redis does) — with a line in the log, not a traceback."""
+        why = "connection lost"  # unless disconnect() learns the close code first
         try:
             await super().__call__(scope, receive, send)
         except Disconnected:
             pass  # the socket closed while a frame was on its way to it
         except STORE_ERRORS as error:
             print(f"chat.py: closing a socket, Redis failed: {error}", file=sys.stderr)
+            why = CLOSE_REASONS[CLOSE_UNAVAILABLE]
             with contextlib.suppress(Exception):
                 await self.close(code=CLOSE_UNAVAILABLE, reason="Redis is unavailable")
         finally:
             with contextlib.suppress(*STORE_ERRORS):
-                await self.leave_room()
+                await self.leave_room(why)
 
     async def connect(self):
         room_name = self.scope["url_route"]["kwargs"].get("room_name", "")
@@ -1006,15 +1008,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.next_id = max([last_id] + [frame["id"] for frame in missed]) + 1
 
     async def disconnect(self, close_code):
-        if self.room_name:
-            why = CLOSE_REASONS.get(close_code, f"code {close_code}")
-            log(f"{self.user} left {self.room_name!r}: {why}")
-        await self.leave_room()
+        await self.leave_room(CLOSE_REASONS.get(close_code, f"code {close_code}"))
 
-    async def leave_room(self) -> None:
+    async def leave_room(self, why: str) -> None:
         """Out of the room's hub, its member list and the open sockets: once."""
         if self.room_name:
             room, self.room_name = self.room_name, None
+            log(f"{self.user} left {room!r}: {why}")
             open_sockets.discard(self)
             leave_hub(room, self)
             await rooms().leave(room, self.member_id)

@@ -1416,6 +1416,10 @@ def test_redis_outage_closes_sockets_then_the_chat_recovers():
                 while True:
                     ana.recv(timeout=TIMEOUT)
             assert closed.value.rcvd.code == chat.CLOSE_UNAVAILABLE
+        wait_until(
+            lambda: "ana left 'outage': Redis unavailable" in server.text,
+            what="the departure and its reason in the log",
+        )
         assert http_status(server.url + "/healthz") == 503
         assert http_status(server.url + "/chat/") == 200  # pages still load
         assert http_status(server.url + "/chat/outage/") == 200
