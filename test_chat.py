@@ -9,6 +9,7 @@ when CI=true.
 """
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import json
@@ -128,10 +129,14 @@ class ChatServer(Process):
     """`python chat.py --port 0 ...`. `urls` are the addresses its banner printed;
     `url` is the loopback one (tests never talk to other addresses)."""
 
-    def __init__(self, *args: str, port: int = 0, env: dict | None = None):
-        super().__init__(
-            [sys.executable, "chat.py", "--port", str(port), *args], env=env
-        )
+    def __init__(
+        self,
+        *args: str,
+        port: int = 0,
+        env: dict | None = None,
+        script: str = "chat.py",
+    ):
+        super().__init__([sys.executable, script, "--port", str(port), *args], env=env)
         self.urls = [
             self.wait_for_line("chat.py: open ").split()[-1].removesuffix("/chat/")
         ]
@@ -1087,6 +1092,7 @@ def test_script_header_lists_the_same_dependencies_as_requirements():
 
 
 CHAT_SOURCE = (HERE / "chat.py").read_text()
+README = (HERE / "README.md").read_text()
 
 
 def test_a_program_can_start_the_server_with_main():
@@ -1209,6 +1215,35 @@ def test_reload_restarts_on_save_and_clients_chat_again(tmp_path):
             assert next_frame(ws)["message"] == "after the edit"
     finally:
         server.stop(signal.SIGINT)
+    assert "Traceback" not in server.text, server.text
+
+
+@pytest.mark.parametrize(
+    "recipe, sent, expected",
+    [
+        ("`/me waves`", "/me waves", [r"\* ana waves"]),
+        ("a bot that answers", "!time", [r"!time", r"It is \d\d:\d\d here\."]),
+    ],
+)
+def test_workshop_recipe_works_as_written(tmp_path, recipe, sent, expected):
+    """The README's recipe, pasted over `post` as it says, in a copy of chat.py."""
+    heading = re.escape(f"### Recipe: {recipe}")
+    code = re.search(heading + r".*?```python\n(.*?)```", README, re.DOTALL).group(1)
+    method = re.compile(
+        r"    async def post\(self, content: dict\).*?(?=    async def )", re.DOTALL
+    )
+    assert len(method.findall(CHAT_SOURCE)) == 1
+    script = tmp_path / "chat.py"
+    script.write_text(method.sub(lambda _: code + "\n", CHAT_SOURCE))
+    server = ChatServer("--rate-limit", "0", script=str(script))
+    try:
+        with server.websocket("recipes", name="ana") as ana:
+            next_frame(ana, "welcome")
+            post(ana, sent)
+            for pattern in expected:
+                assert re.fullmatch(pattern, next_frame(ana)["message"])
+    finally:
+        server.stop()
     assert "Traceback" not in server.text, server.text
 
 
@@ -1792,9 +1827,6 @@ def via_proxy(port: int, host: str, name: str):
     )
 
 
-README = (HERE / "README.md").read_text()
-
-
 def test_hundreds_leaving_redis_at_once_leave_no_membership_behind(redis_server):
     import redis
 
@@ -2170,3 +2202,54 @@ def test_everything_typed_is_shown_as_text(live_server, browser):
     wait_in_browser(browser, lambda d: f"{trap}: {trap}" in text_of(d, "chat-log"))
     assert trap in text_of(browser, "members")
     assert not browser.find_elements(By.CSS_SELECTOR, "img")
+
+
+def test_screenshot_of_two_windows_chatting(live_server, browser, tmp_path):
+    """The README's picture: two windows side by side. Refresh it with
+    `CHAT_SCREENSHOT=.github/screenshot.png python -m pytest -k screenshot`."""
+    for window, (name, line) in enumerate(
+        [("ana", "Hi! Can everyone read this?"), ("bob", "Loud and clear.")]
+    ):
+        if window:
+            new_window(browser)
+        browser.set_window_size(560, 640)
+        enter_room(browser, live_server.url, "workshop", name=name)
+        wait_in_browser(
+            browser, lambda d, name=name: f"{name} joined" in text_of(d, "chat-log")
+        )
+        say(browser, line)
+        wait_in_browser(browser, lambda d, line=line: line in text_of(d, "chat-log"))
+    shots = []
+    for handle in browser.window_handles:
+        browser.switch_to.window(handle)
+        wait_in_browser(browser, lambda d: "Loud and clear." in text_of(d, "chat-log"))
+        wait_in_browser(browser, lambda d: not text_of(d, "typing"))  # (it fades)
+        shots.append(browser.get_screenshot_as_base64())
+    new_window(
+        browser
+    )  # a blank page: the room's Content-Security-Policy forbids data:
+    side_by_side = browser.execute_async_script(SIDE_BY_SIDE, *shots)
+    png = base64.b64decode(side_by_side.split(",", 1)[1])
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    Path(os.environ.get("CHAT_SCREENSHOT") or tmp_path / "two.png").write_bytes(png)
+
+
+SIDE_BY_SIDE = """
+const [left, right, done] = arguments;
+const load = (b64) => new Promise((ok) => {
+  const image = new Image();
+  image.onload = () => ok(image);
+  image.src = 'data:image/png;base64,' + b64;
+});
+Promise.all([load(left), load(right)]).then(([a, b]) => {
+  const gap = 16, canvas = document.createElement('canvas');
+  canvas.width = a.width + gap + b.width;
+  canvas.height = Math.max(a.height, b.height);
+  const context = canvas.getContext('2d');
+  context.fillStyle = '#8a8f99';
+  context.fillRect(0, 0, canvas.width, canvas.height);
+  context.drawImage(a, 0, 0);
+  context.drawImage(b, a.width + gap, 0);
+  done(canvas.toDataURL('image/png'));
+});
+"""
