@@ -1141,7 +1141,7 @@ def test_uv_runs_the_script_from_its_header(tmp_path):
     uv = need("uv")
     shutil.copy(HERE / "chat.py", tmp_path / "chat.py")
     server = Process(
-        [uv, "run", "--no-project", "chat.py", "--port", "0"],
+        [uv, "run", "chat.py", "--port", "0"],
         cwd=tmp_path,
         env={"UV_CACHE_DIR": str(tmp_path / "cache"), "VIRTUAL_ENV": ""},
     )
@@ -1214,7 +1214,7 @@ def test_reload_restarts_on_save_and_clients_chat_again(tmp_path):
             post(ws, "after the edit")
             assert next_frame(ws)["message"] == "after the edit"
     finally:
-        server.stop(signal.SIGINT)
+        assert server.stop(signal.SIGINT) == 0  # Ctrl-C stops reloader and server
     assert "Traceback" not in server.text, server.text
 
 
