@@ -2225,9 +2225,8 @@ def test_screenshot_of_two_windows_chatting(live_server, browser, tmp_path):
         wait_in_browser(browser, lambda d: "Loud and clear." in text_of(d, "chat-log"))
         wait_in_browser(browser, lambda d: not text_of(d, "typing"))  # (it fades)
         shots.append(browser.get_screenshot_as_base64())
-    new_window(
-        browser
-    )  # a blank page: the room's Content-Security-Policy forbids data:
+    # Composed on a blank page: the room's Content-Security-Policy forbids data: URLs.
+    new_window(browser)
     side_by_side = browser.execute_async_script(SIDE_BY_SIDE, *shots)
     png = base64.b64decode(side_by_side.split(",", 1)[1])
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
