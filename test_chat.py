@@ -607,6 +607,22 @@ async def test_one_receiver_per_room_and_process(fresh_layer):
     assert "one-receiver" not in chat.hubs
 
 
+@asyncio_test
+async def test_a_member_is_one_task_however_many_frames_it_sends(fresh_layer):
+    """Each connection reads its socket in one task, with no task per frame (as
+    Channels' own consumer loop would start): a sixth of a connection's memory."""
+    members, tasks = [], []
+    for _ in range(2):
+        members += [await joined("one-task") for _ in range(5)]
+        for member in members:
+            await member.send_json_to({"type": "typing"})
+        await frames_within(members[0], 2 * chat.PRESENCE_DELAY)  # all settled
+        tasks.append(len(asyncio.all_tasks()))
+    assert tasks[1] - tasks[0] == 5
+    for member in members:
+        await member.disconnect()
+
+
 # --- Presence, renames, typing ---
 
 
@@ -1753,8 +1769,8 @@ def worker_of(ws, pids: set[int]) -> int:
     client_port, inode = ws.socket.getsockname()[1], None
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
-        if int(fields[2].rsplit(":", 1)[1], 16) == client_port:
-            inode = fields[9]
+        if int(fields[2].rsplit(":", 1)[1], 16) == client_port and fields[9] != "0":
+            inode = fields[9]  # (inode 0: an earlier connection's TIME_WAIT)
     for pid in pids:
         for fd in Path(f"/proc/{pid}/fd").iterdir():
             with contextlib.suppress(OSError):
