@@ -953,9 +953,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         Redis went away (then the close code says so, and the page comes back when
         Redis does) — with a line in the log, not a traceback."""
         # A member gets its room's events from the room's hub (below), so it needs
-        # no channel of its own and only reads its socket. One plain loop does that;
-        # Channels' own __call__ would start a task per source and per frame, which
-        # costs a sixth of a connection's memory (measured with tracemalloc).
+        # no channel of its own and only reads its socket: one plain loop. Channels'
+        # own __call__ (await_many_dispatch) would keep a second task per connection
+        # and start a new one for each frame: a sixth of a connection's memory.
         self.scope, self.base_send = scope, send  # as AsyncConsumer.__call__ does
         why = "connection lost"  # unless disconnect() learns the close code first
         try:
