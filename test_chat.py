@@ -608,6 +608,28 @@ async def test_one_receiver_per_room_and_process(fresh_layer):
 
 
 @asyncio_test
+async def test_group_send_starts_no_task_per_receiver(fresh_layer, monkeypatch):
+    """The in-memory layer hands a group's message to each receiver in turn; the
+    original's task per receiver was a fifth of a burst's CPU."""
+    receivers = [await fresh_layer.new_channel() for _ in range(3)]
+    for channel in receivers:
+        await fresh_layer.group_add("room.tasks", channel)
+    tasks = []
+    real_create_task = asyncio.create_task
+
+    def counting_create_task(*args, **kwargs):
+        tasks.append(args)
+        return real_create_task(*args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(asyncio, "create_task", counting_create_task)
+        await fresh_layer.group_send("room.tasks", {"type": "chat.frame", "text": "hi"})
+    assert tasks == []
+    for channel in receivers:
+        assert (await fresh_layer.receive(channel))["text"] == "hi"
+
+
+@asyncio_test
 async def test_a_member_is_one_task_however_many_frames_it_sends(fresh_layer):
     """Each connection reads its socket in one task, with no task per frame (as
     Channels' own consumer loop would start): a sixth of a connection's memory."""
