@@ -1111,9 +1111,9 @@ class RoomLayer(InMemoryChannelLayer):
     async def group_send(self, group: str, message: dict) -> None:
         self.require_valid_group_name(group)
         for channel in list(self.groups.get(group, ())):
-            with contextlib.suppress(
-                ChannelFull
-            ):  # as the original: that one misses it
+            # As in the original, a channel that is full misses the message (a hub
+            # then takes it from the history).
+            with contextlib.suppress(ChannelFull):
                 await self.send(channel, message)
 
 
