@@ -1115,6 +1115,9 @@ class RoomLayer(InMemoryChannelLayer):
             # then takes it from the history).
             with contextlib.suppress(ChannelFull):
                 await self.send(channel, message)
+        # As the original does too, the sender then lets the receivers run: a burst
+        # is written out as it comes instead of after every post.
+        await asyncio.sleep(0)
 
 
 class RoomHub:
