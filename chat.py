@@ -67,7 +67,8 @@ MAX_ROOM_NAME = 100  #: characters per room name
 MAX_LISTED = 100  #: names in a member list (the count is always exact)
 HISTORY_SIZE = 100  #: messages kept per room for late joiners and reconnects
 ROOM_IDLE = 6 * 3600  #: seconds after which an unused room's history is forgotten
-PRESENCE_DELAY = 0.25  #: seconds joins and leaves are gathered into one frame
+PRESENCE_DELAY = 0.25  #: seconds joins and leaves are gathered into one frame...
+PRESENCE_RATE = 400  #: ...or longer in a big room: presence frames a second it may cost
 TYPING_INTERVAL = 2  #: seconds between "is typing" frames of one member
 MEMBER_TTL = 20  #: seconds a member of a vanished process stays listed (Redis)
 LOBBY_SIZE = 50  #: rooms listed in the lobby
@@ -712,13 +713,21 @@ def announce(room: str, kind: str, nickname: str) -> None:
     Someone who leaves and comes back within it (a page reconnecting) is not news."""
     if room not in pending_news:
         pending_news[room] = {"leave": [], "join": []}
-        asyncio.get_running_loop().call_later(PRESENCE_DELAY, send_news_soon, room)
+        asyncio.get_running_loop().call_later(news_delay(room), send_news_soon, room)
     news = pending_news[room]
     opposite = news["leave" if kind == "join" else "join"]
     if nickname in opposite:
         opposite.remove(nickname)
     else:
         news[kind].append(nickname)
+
+
+def news_delay(room: str) -> float:
+    """Each piece of news goes to every member of the room here, so a big room gets
+    it less often: presence costs at most PRESENCE_RATE frames a second, however
+    many come and go (1,000 members: every 2.5 s)."""
+    members_here = len(hubs[room].members) if room in hubs else 0
+    return max(PRESENCE_DELAY, members_here / PRESENCE_RATE)
 
 
 def send_news_soon(room: str) -> None:

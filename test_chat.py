@@ -696,6 +696,24 @@ async def test_a_quick_reconnect_is_not_news(fresh_layer):
 
 
 @asyncio_test
+async def test_a_big_rooms_presence_news_comes_less_often(fresh_layer, monkeypatch):
+    """Every presence frame goes to every member: a room of 41 with PRESENCE_RATE 20
+    hears of a newcomer after about 2 s, not PRESENCE_DELAY."""
+    monkeypatch.setattr(chat, "PRESENCE_RATE", 20)
+    ana = await joined("big-room", name="ana")
+    crowd = [await joined("big-room", name=f"m{n}") for n in range(40)]
+    while (await next_json(ana, "join"))["count"] < 41:
+        pass
+    zed = await joined("big-room", name="zed")
+    early = await frames_within(ana, 1.0)
+    assert not [f for f in early if "zed" in f.get("users", [])], early
+    while "zed" not in (await next_json(ana, "join"))["users"]:
+        pass
+    for member in [ana, zed, *crowd]:
+        await member.disconnect()
+
+
+@asyncio_test
 async def test_member_list_is_capped_but_count_is_exact(fresh_layer, monkeypatch):
     monkeypatch.setattr(chat, "MAX_LISTED", 3)
     members = [await joined("capped", name=f"m{n}") for n in range(5)]
