@@ -703,8 +703,9 @@ def rooms() -> MemoryRooms | RedisRooms:
     return RedisRooms(url) if url else MemoryRooms()
 
 
-# Presence news: joins and leaves of a room within PRESENCE_DELAY go out together,
-# so 1,000 members arriving cost a few frames per member rather than 1,000.
+# Presence news: joins and leaves of a room within PRESENCE_DELAY (longer in a big
+# room) go out together, so 1,000 members arriving cost a few frames per member
+# rather than 1,000.
 pending_news: dict[str, dict[str, list[str]]] = {}
 
 
