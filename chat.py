@@ -1125,8 +1125,8 @@ class RoomLayer(InMemoryChannelLayer):
             # then takes it from the history).
             with contextlib.suppress(ChannelFull):
                 await self.send(channel, message)
-        # As the original does too, the sender then lets the receivers run: a burst
-        # is written out as it comes instead of after every post.
+        # As the original does too, the sender then lets the receivers run, so that
+        # a burst is written out as it comes, not once every post is handled.
         await asyncio.sleep(0)
 
 
