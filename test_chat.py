@@ -870,16 +870,22 @@ def test_debug_off_and_no_database():
     assert chat.settings.DATABASES["default"]["ENGINE"] == "django.db.backends.dummy"
 
 
-def secret_key(env: dict) -> str:
-    code = "import chat; print(chat.settings.SECRET_KEY)"
+def run_python(*args: str, check: bool = False, env: dict | None = None):
+    """Python in chat.py's folder, run to the end, its output captured as text."""
     return subprocess.run(
-        [sys.executable, "-c", code],
-        check=True,
+        [sys.executable, *args],
+        check=check,
         cwd=HERE,
-        env={**os.environ, **env},
+        env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,
-    ).stdout.strip()
+        timeout=TIMEOUT,
+    )
+
+
+def secret_key(env: dict) -> str:
+    code = "import chat; print(chat.settings.SECRET_KEY)"
+    return run_python("-c", code, check=True, env=env).stdout.strip()
 
 
 def test_secret_key_is_random_per_start_unless_given():
@@ -957,28 +963,14 @@ def test_one_process_listens_without_loading_twisted_plugins():
         "serverFromString(reactor, endpoint)\n"
         "print(endpoint, 'twisted.plugins' in sys.modules)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        check=True,
-        cwd=HERE,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
+    done = run_python("-c", script, check=True)
     endpoint, plugins_loaded = done.stdout.split()
     assert endpoint.startswith("tcp:port=") and plugins_loaded == "False"
 
 
 def test_taken_port_is_one_clear_line_and_exit_1(live_server):
     port = live_server.url.rsplit(":", 1)[1]
-    done = subprocess.run(
-        [sys.executable, "chat.py", "--port", port],
-        check=False,
-        cwd=HERE,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
+    done = run_python("chat.py", "--port", port)
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and "Address already in use" in done.stderr
 
@@ -993,14 +985,7 @@ def test_taken_port_is_one_clear_line_and_exit_1(live_server):
     ],
 )
 def test_bad_flag_or_unreachable_redis_is_one_clear_line(args):
-    done = subprocess.run(
-        [sys.executable, "chat.py", "--port", "0", *args],
-        check=False,
-        cwd=HERE,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
+    done = run_python("chat.py", "--port", "0", *args)
     assert done.returncode != 0
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("chat.py: "), (
         done.stderr
@@ -1009,13 +994,7 @@ def test_bad_flag_or_unreachable_redis_is_one_clear_line(args):
 
 
 def test_help_documents_the_flags():
-    done = subprocess.run(
-        [sys.executable, "chat.py", "--help"],
-        check=False,
-        cwd=HERE,
-        capture_output=True,
-        text=True,
-    )
+    done = run_python("chat.py", "--help")
     assert done.returncode == 0
     for flag in ("--host", "--port", "--redis", "--reload", "--workers", "--quiet"):
         assert flag in done.stdout
@@ -1189,13 +1168,7 @@ def test_a_program_can_start_the_server_with_main():
 
 def test_importing_chat_starts_nothing():
     code = "import sys, chat; print('twisted.internet.reactor' in sys.modules)"
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        check=False,
-        cwd=HERE,
-        capture_output=True,
-        text=True,
-    )
+    done = run_python("-c", code)
     assert done.stdout.strip() == "False", done.stderr
 
 
