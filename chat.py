@@ -43,6 +43,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from urllib.parse import parse_qs, urlsplit
 
+# chat.py speaks http:// and ws:// (TLS belongs to a proxy in front, see the README).
+# Twisted and autobahn load pyOpenSSL whenever it is installed, 5 MiB and 30 ms a
+# process; without it they run as they are designed to, minus TLS.
+if __name__ == "__main__":
+    sys.modules.setdefault("OpenSSL", None)
+
 import django
 from autobahn.exception import Disconnected
 from channels.consumer import get_handler_name

@@ -968,6 +968,24 @@ def test_one_process_listens_without_loading_twisted_plugins():
     assert endpoint.startswith("tcp:port=") and plugins_loaded == "False"
 
 
+def test_a_server_leaves_pyopenssl_out_of_its_memory():
+    """Twisted and autobahn import pyOpenSSL (5 MiB) whenever it is installed, for TLS
+    that chat.py never speaks. Imported (as by `daphne chat:application`), it keeps it."""
+    server = ChatServer(env={"PYTHONPROFILEIMPORTTIME": "1"})  # each import, on stderr
+    with server.websocket("tls", name="a") as ws:
+        next_frame(ws, "welcome")
+    assert server.stop() == 0
+    imported = {
+        line.rsplit("|", 1)[-1].strip()
+        for line in server.output
+        if line.startswith("import time:")
+    }
+    assert {"daphne.server", "autobahn.exception", "twisted.internet.ssl"} <= imported
+    assert "OpenSSL.crypto" not in imported  # asked for OpenSSL (above), refused
+    done = run_python("-c", "import chat, sys; print(sys.modules['OpenSSL'].SSL)")
+    assert "OpenSSL.SSL" in done.stdout  # imported, chat.py changes nothing
+
+
 def test_taken_port_is_one_clear_line_and_exit_1(live_server):
     port = live_server.url.rsplit(":", 1)[1]
     done = run_python("chat.py", "--port", port)
