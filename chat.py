@@ -63,7 +63,9 @@ from django.http import Http404, HttpResponse, JsonResponse
 from django.template import engines
 from django.urls import path, re_path
 from django.utils import autoreload
+from django.views.decorators.http import require_safe
 from django.views.generic import RedirectView
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 # Configuration ###############################################################
 
@@ -85,6 +87,10 @@ CHANNEL_CAPACITY = 20_000  #: messages waiting for a room's hub before the layer
 LAYER_EXPIRY = 300
 RATE_LIMIT = 5  #: frames a second per connection, in bursts of as many (--rate-limit)
 MAX_FRAME = 64 * 1024  #: bytes per WebSocket frame; bigger ones close the socket (1009)
+MAX_BODY = 1024  #: bytes of an HTTP request's body (the pages send none): else 413
+MAX_HEAD = (
+    16 * 1024
+)  #: bytes of an HTTP request's line and headers (Twisted's own limit)
 PING_INTERVAL = 10  #: seconds between pings to each browser...
 PING_TIMEOUT = 10  #: ...and how long a pong may take before the connection is dropped
 SLOW_READER_GRACE = 5  #: seconds a browser may leave its send buffer full...
@@ -767,6 +773,7 @@ async def send_news(room: str, news: dict[str, list[str]]) -> None:
 # HTTP views ##################################################################
 
 
+@require_safe
 def lobby(request):
     context = {
         "style": STYLE,
@@ -777,6 +784,7 @@ def lobby(request):
     return HttpResponse(lobby_template.render(context))
 
 
+@require_safe
 async def active_rooms(request):
     """The lobby's list: active rooms, busiest first, with their member counts."""
     try:
@@ -787,6 +795,7 @@ async def active_rooms(request):
     return JsonResponse({"rooms": rooms_json})
 
 
+@require_safe
 def room(request, room_name: str):
     if not is_valid_room(room_name):
         raise Http404("No such room")
@@ -800,6 +809,7 @@ def room(request, room_name: str):
     return HttpResponse(room_template.render(context))
 
 
+@require_safe
 async def healthz(request):
     """200 while the channel layer works, 503 when its Redis is unreachable."""
     reachable = True
@@ -817,7 +827,7 @@ async def healthz(request):
 
 
 urlpatterns = [
-    path("", RedirectView.as_view(url="/chat/")),
+    path("", RedirectView.as_view(url="/chat/", http_method_names=["get", "head"])),
     path("chat/", lobby),
     path("chat/rooms.json", active_rooms),
     path("chat/<str:room_name>/", room),
@@ -942,7 +952,9 @@ def query_params(scope) -> tuple[str, int, str]:
     """?name=, ?since= and ?epoch= of the WebSocket's URL."""
     query = parse_qs(scope["query_string"].decode("latin-1"))
     name, since, epoch = (query.get(key, [""])[0] for key in ("name", "since", "epoch"))
-    return name, int(since) if since.isdecimal() else 0, epoch
+    # (int() refuses over 4,300 digits; no id of ours has 19.)
+    is_id = since.isascii() and since.isdigit() and len(since) < 19
+    return name, int(since) if is_id else 0, epoch
 
 
 class RateLimit:
@@ -1258,10 +1270,20 @@ websocket_urlpatterns = [
 ]
 
 
+def netloc_of(url: str) -> str:
+    try:
+        return urlsplit(url).netloc.lower()
+    except ValueError:
+        return "?"
+
+
 def is_own_host(host: str) -> bool:
     """Does a Host header name this machine? A page that a DNS trick points at us
     ("DNS rebinding") still names its own site, and is turned away."""
-    name = urlsplit(f"//{host}").hostname or ""
+    try:
+        name = urlsplit(f"//{host}").hostname or ""
+    except ValueError:  # a broken IPv6 address, like "[::1"
+        return False
     try:
         address = ipaddress.ip_address(name)
     except ValueError:
@@ -1292,7 +1314,7 @@ class HostCheck:
         headers it reads are not kept as long as the connection lasts.)"""
         headers = dict(scope["headers"])
         host = headers.get(b"host", b"").decode("latin-1").lower()
-        origin = urlsplit(headers.get(b"origin", b"").decode("latin-1")).netloc.lower()
+        origin = netloc_of(headers.get(b"origin", b"").decode("latin-1"))
         if scope["type"] == "websocket" and (origin != host or not is_own_host(host)):
             return f"Origin {origin!r} for Host {host!r}"
         if scope["type"] == "http" and not is_own_host(host):
@@ -1312,6 +1334,93 @@ application = ProtocolTypeRouter(
         "websocket": HostCheck(URLRouter(websocket_urlpatterns)),
     }
 )
+
+# The door: what a connection may make the server read #######################
+
+
+class GuardedConnection(ProtocolWrapper):
+    """A connection whose every HTTP request is looked at before Twisted reads it:
+    Twisted reads a whole body (past 100 KB into a temporary file) before Daphne
+    hands the request to Django, so a body is refused here, unread. Only GET and
+    HEAD pass (405), with at most MAX_BODY bytes of body (413). Once it is a
+    WebSocket, its frames go straight on: autobahn limits them (MAX_FRAME)."""
+
+    def __init__(self, factory: WrappingFactory, wrapped) -> None:
+        super().__init__(factory, wrapped)
+        self.head = b""  # the start of a request not yet looked at
+        self.body_left = 0  # bytes of an allowed body still to come
+        self.websocket = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.websocket:
+            self.wrappedProtocol.dataReceived(data)
+            return
+        data, self.head = self.head + data, b""
+        checked = 0  # data[:checked] may be read
+        while checked < len(data) and not self.websocket:
+            if self.body_left:
+                step = min(self.body_left, len(data) - checked)
+                checked, self.body_left = checked + step, self.body_left - step
+                continue
+            end = data.find(b"\r\n\r\n", checked)
+            if end < 0:
+                self.head = data[checked:]
+                if len(self.head) > MAX_HEAD:
+                    return self.refuse(431, "Request Header Fields Too Large")
+                break
+            refusal = self.look_at(data[checked:end])
+            if refusal:
+                return self.refuse(*refusal)
+            checked = end + 4
+        self.wrappedProtocol.dataReceived(data if self.websocket else data[:checked])
+
+    def look_at(self, head: bytes) -> tuple[int, str] | None:
+        """Why a request (line and headers) is refused, or None; notes its body."""
+        method, _, _ = head.partition(b" ")
+        if method not in (b"GET", b"HEAD"):
+            return 405, "Method Not Allowed"
+        for line in head.lower().split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            name, value = name.strip(), value.strip()
+            if name == b"transfer-encoding":
+                return 413, "Content Too Large"  # a body of unknown length
+            if name == b"content-length":
+                if not value.isdigit() or len(value) > 9 or int(value) > MAX_BODY:
+                    return 413, "Content Too Large"
+                self.body_left = int(value)
+            if name == b"upgrade" and value == b"websocket":
+                self.websocket = True
+        return None
+
+    def refuse(self, status: int, reason: str) -> None:
+        peer = self.transport.getPeer()
+        log(f"refused {peer.host}:{peer.port}: HTTP {status} {reason}")
+        body = f"{reason}\n".encode()
+        self.transport.write(
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            f"Allow: GET, HEAD\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n".encode()
+            + body
+        )
+        self.loseConnection()
+
+
+def guarded(server_class):
+    """Daphne's Server, listening through GuardedConnection: Daphne listens with
+    whatever its `http_factory` holds, so here that is the factory, wrapped."""
+
+    class GuardedServer(server_class):
+        @property
+        def http_factory(self):
+            return self.guard
+
+        @http_factory.setter
+        def http_factory(self, factory) -> None:
+            self.guard = WrappingFactory(factory)
+            self.guard.protocol = GuardedConnection
+
+    return GuardedServer
+
 
 # Command line ################################################################
 
@@ -1471,7 +1580,7 @@ def serve(args: argparse.Namespace, shared: socket.socket | None = None) -> None
     # Importing Daphne's server installs Twisted's asyncio reactor: only when serving.
     from daphne.server import Server
 
-    server = Server(
+    server = guarded(Server)(
         application,
         endpoints=[daphne_endpoint(sock, shared=shared is not None)],
         ready_callable=lambda: serving(server, args.host, port, not shared),

@@ -1559,6 +1559,91 @@ def chats_again(server) -> bool:
         return False
 
 
+# --- A hostile client: what it can make the server read or hold is bounded ---
+
+
+def raw_http(port: int, request: bytes, then: bytes = b"") -> bytes:
+    """The server's answer to a request sent byte for byte (then more, if it still
+    reads), up to the end of its head."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
+        s.sendall(request)
+        answer = s.recv(4096)
+        with contextlib.suppress(OSError):  # a refused body: the server hung up
+            for start in range(0, len(then), 1 << 20):
+                s.sendall(then[start : start + (1 << 20)])
+        return answer
+
+
+def port_of(server) -> int:
+    return int(server.url.rsplit(":", 1)[1])
+
+
+@pytest.mark.parametrize(
+    "head, status",
+    [
+        (b"POST /chat/ HTTP/1.1\r\nContent-Length: 67108864\r\n", b"405"),
+        (b"GET /chat/ HTTP/1.1\r\nContent-Length: 67108864\r\n", b"413"),
+        (b"GET /chat/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n", b"413"),
+        (b"PUT /healthz HTTP/1.1\r\nContent-Length: 67108864\r\n", b"405"),
+    ],
+    ids=["POST", "GET-with-body", "chunked", "PUT"],
+)
+def test_a_64_mib_request_body_is_refused_before_it_is_read(live_server, head, status):
+    pid = get_json(live_server.url + "/healthz")["pid"]
+    before, started = rss_kib(pid), time.monotonic()
+    request = head + b"Host: 127.0.0.1\r\n\r\n"
+    answer = raw_http(port_of(live_server), request, then=b"x" * (64 << 20))
+    assert answer.startswith(b"HTTP/1.1 " + status), answer
+    assert time.monotonic() - started < 5
+    assert rss_kib(pid) - before < 16 * 1024
+    assert http_status(live_server.url + "/healthz") == 200
+
+
+def test_only_the_methods_the_views_answer(live_server):
+    port = port_of(live_server)
+    for path in ("/", "/chat/", "/chat/lobby/", "/chat/rooms.json", "/healthz"):
+        head = f"HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+        assert raw_http(port, head).split()[1] in (b"200", b"302"), path
+        small = (
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\nhi"
+        )
+        assert raw_http(port, small.encode()).split()[1] == b"405", path
+
+
+@asyncio_test
+@pytest.mark.parametrize("path", ["/chat/", "/chat/rooms.json", "/healthz"])
+async def test_views_answer_405_to_other_methods_under_any_asgi_server(path):
+    """(Without chat.py's own door, as under uvicorn: Django says 405 itself.)"""
+    response = await HttpCommunicator(
+        chat.application, "POST", path, body=b"x", headers=[(b"host", b"localhost")]
+    ).get_response()
+    assert response["status"] == 405
+
+
+@pytest.mark.parametrize("host", [b"[::1", b"[::1]:x", b"\xff\xfe", b"a" * 5000])
+def test_a_malformed_host_is_a_400_not_a_500(live_server, host):
+    request = b"GET /chat/ HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
+    assert raw_http(port_of(live_server), request).split()[1] == b"400"
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        {"since": "9" * 5000},
+        {"since": "-1"},
+        {"since": "１２"},
+        {"name": "x" * 5000, "epoch": "\x00" * 100},
+        {"since": "1e9", "epoch": "[::1"},
+    ],
+    ids=["5000-digits", "negative", "fullwidth", "long-name", "float"],
+)
+def test_odd_query_values_get_a_welcome_not_a_traceback(live_server, query):
+    with live_server.websocket("odd-queries", **query) as ws:
+        welcome = next_frame(ws, "welcome")
+    assert len(welcome["user"]) <= chat.MAX_NAME
+    # (live_server asserts at the end of the session that its log has no traceback)
+
+
 # --- Load, churn and crowds (small versions; chatbench runs the big ones) ---
 
 
