@@ -149,26 +149,28 @@ def channel_layers(redis_url: str | None) -> dict:
     return {"default": backend}
 
 
-STORE_ERRORS: tuple = (OSError,)  #: what a failing store raises (see use_redis)
+STORE_ERRORS: tuple = (OSError,)  #: what a failing store raises (see use_redis)...
+OUTAGES: tuple = (OSError,)  #: ...and those of its errors that mean it is unreachable
 
 
 def use_redis(redis_url: str | None) -> None:
     """Choose the channel layer and where rooms live: Redis with a URL, else memory.
     redis-py is imported only then: an in-memory chat saves its 60 ms and 7 MB."""
-    global STORE_ERRORS
+    global STORE_ERRORS, OUTAGES
     settings.CHAT_REDIS_URL = redis_url
     settings.CHANNEL_LAYERS = channel_layers(redis_url)
     if redis_url:
         import redis
 
         STORE_ERRORS = (redis.RedisError, OSError)
+        OUTAGES = (redis.ConnectionError, redis.TimeoutError, OSError)
         # Its receiver logs a traceback a second while Redis is down; the keeper
         # (RedisRooms) reports the outage in one line and closes the rooms.
         logging.getLogger("channels_redis.pubsub").addFilter(is_not_an_outage)
 
 
 def is_not_an_outage(record: logging.LogRecord) -> bool:
-    return not (record.exc_info and isinstance(record.exc_info[1], STORE_ERRORS))
+    return not (record.exc_info and isinstance(record.exc_info[1], OUTAGES))
 
 
 if not settings.configured:
@@ -594,11 +596,20 @@ class RedisRooms:
         redis.call('EXPIRE', KEYS[2], ARGV[4])
         return encoded
     """
-    # Removes expired members and returns them, so exactly one process announces each.
-    PRUNE = """
+    # A room's members: those expired are removed and returned, so that exactly one
+    # process announces each; the count goes to the lobby's rooms by member count.
+    PRESENCE = """
         local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 500)
         if #gone > 0 then redis.call('ZREM', KEYS[1], unpack(gone)) end
-        return gone
+        local count = redis.call('ZCARD', KEYS[1])
+        if count > 0 then
+            redis.call('ZADD', KEYS[2], count, ARGV[2])
+            redis.call('EXPIRE', KEYS[1], ARGV[4])
+            redis.call('EXPIRE', KEYS[2], ARGV[4])
+        else
+            redis.call('ZREM', KEYS[2], ARGV[2])
+        end
+        return {gone, count, redis.call('ZRANGE', KEYS[1], 0, ARGV[3] - 1)}
     """
 
     def __init__(self, url: str):
@@ -608,7 +619,7 @@ class RedisRooms:
             url, decode_responses=True, **REDIS_OPTIONS
         )
         self.post_script = self.redis.register_script(self.POST)
-        self.prune_script = self.redis.register_script(self.PRUNE)
+        self.presence_script = self.redis.register_script(self.PRESENCE)
         self.local: dict[str, dict[str, str]] = {}  # room -> our members -> their entry
         self.keeper: asyncio.Task | None = None
 
@@ -645,8 +656,6 @@ class RedisRooms:
         entry = f"{member}\n{nickname}"
         self.local.setdefault(name, {})[member] = entry
         await self.redis.zadd(self.keys(name)[2], {entry: time.time() + MEMBER_TTL})
-        await self.redis.zadd("chat:rooms", {name: time.time()})
-        await self.redis.expire("chat:rooms", ROOM_IDLE)
         if self.keeper is None:
             self.keeper = asyncio.create_task(self.keep_members_alive())
         return await self.presence(name)
@@ -665,26 +674,20 @@ class RedisRooms:
         return await self.join(name, member, nickname)
 
     async def presence(self, name: str) -> Presence:
-        members = self.keys(name)[2]
-        await self.prune(name)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zcard(members).zrange(members, 0, MAX_LISTED - 1).expire(
-                members, ROOM_IDLE
-            )
-            count, entries, _ = await pipe.execute()
+        """Who is here. Members whose process stopped keeping them alive are
+        dropped, and announced as gone."""
+        keys = [self.keys(name)[2], "chat:busy"]
+        args = [time.time(), name, MAX_LISTED, ROOM_IDLE]
+        gone, count, entries = await self.presence_script(keys=keys, args=args)
+        for entry in gone:
+            announce(name, "leave", entry.split("\n", 1)[1])
         return Presence(count, [entry.split("\n", 1)[1] for entry in entries])
 
     async def active(self) -> list[tuple[str, int]]:
-        await self.redis.zremrangebyscore("chat:rooms", "-inf", time.time() - ROOM_IDLE)
-        rooms = await self.redis.zrevrange("chat:rooms", 0, LOBBY_SIZE - 1)
-        counts = [(await self.presence(name)).count for name in rooms]
-        return [(name, count) for name, count in zip(rooms, counts) if count]
-
-    async def prune(self, name: str) -> None:
-        """Drop members whose process stopped keeping them alive, and say they left."""
-        gone = await self.prune_script(keys=[self.keys(name)[2]], args=[time.time()])
-        for entry in gone:
-            announce(name, "leave", entry.split("\n", 1)[1])
+        """The busiest rooms, their counts checked (a process may have died)."""
+        busiest = await self.redis.zrevrange("chat:busy", 0, LOBBY_SIZE - 1)
+        counts = [(await self.presence(name)).count for name in busiest]
+        return [(name, count) for name, count in zip(busiest, counts) if count]
 
     async def keep_members_alive(self) -> None:
         """Renew this process's members: a process that dies stops renewing, and
@@ -693,19 +696,30 @@ class RedisRooms:
         while True:
             await asyncio.sleep(MEMBER_TTL / 3)
             try:
-                for name, entries in list(self.local.items()):
-                    expiry = time.time() + MEMBER_TTL
-                    members = self.keys(name)[2]
-                    await self.redis.zadd(
-                        members, dict.fromkeys(entries.values(), expiry)
-                    )
-                    await self.prune(name)
-                    if name in hubs:
-                        _, last_id = await self.position(name)
-                        await hubs[name].catch_up(last_id)
-            except STORE_ERRORS as error:
+                for name in list(self.local):
+                    await self.keep_room(name)
+            except OUTAGES as error:
                 for hub in list(hubs.values()):
                     await hub.close_room(error)
+
+    async def keep_room(self, name: str) -> None:
+        """One room's round. Members come and go meanwhile: only those still here
+        are renewed. An error that is not an outage stays this room's."""
+        try:
+            entries = list(self.local.get(name, {}).values())
+            if entries:
+                expiry = time.time() + MEMBER_TTL
+                await self.redis.zadd(
+                    self.keys(name)[2], dict.fromkeys(entries, expiry)
+                )
+            await self.presence(name)
+            if name in hubs:
+                _, last_id = await self.position(name)
+                await hubs[name].catch_up(last_id)
+        except OUTAGES:
+            raise
+        except STORE_ERRORS as error:
+            print(f"chat.py: room {name}: Redis said: {error!r}", file=sys.stderr)
 
 
 @functools.cache
@@ -994,11 +1008,16 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             pass  # websocket_disconnect() ends the loop this way
         except Disconnected:
             pass  # the socket closed while a frame was on its way to it
-        except STORE_ERRORS as error:
+        except OUTAGES as error:
             print(f"chat.py: closing a socket, Redis failed: {error}", file=sys.stderr)
             why = CLOSE_REASONS[CLOSE_UNAVAILABLE]
             with contextlib.suppress(Exception):
                 await self.close(code=CLOSE_UNAVAILABLE, reason="Redis is unavailable")
+        except STORE_ERRORS as error:  # Redis refused one call: this member goes
+            print(f"chat.py: closing a socket, Redis said: {error!r}", file=sys.stderr)
+            why = "Redis refused a call"
+            with contextlib.suppress(Exception):
+                await self.close(code=1011, reason="server error")
         finally:
             with contextlib.suppress(*STORE_ERRORS):
                 await self.leave_room(why)

@@ -1644,6 +1644,69 @@ def test_odd_query_values_get_a_welcome_not_a_traceback(live_server, query):
     # (live_server asserts at the end of the session that its log has no traceback)
 
 
+def test_renamers_and_reconnects_on_redis_close_no_room(redis_server):
+    """Members leave and rename while the keeper renews their rooms (every
+    MEMBER_TTL / 3): that is no outage, and no room is closed."""
+    server = ChatServer("--redis", redis_server, "--rate-limit", "0")
+    host = server.url.split("://", 1)[1]
+
+    async def churn(room: str, until: float) -> int:
+        cycles = 0
+        while time.monotonic() < until:
+            uri = f"ws://{host}/ws/chat/{room}/?name=churner"
+            async with asyncio_connect(uri, origin=server.url) as ws:
+                while json.loads(await ws.recv())["type"] != "welcome":
+                    pass
+                for n in range(3):
+                    await ws.send(json.dumps({"type": "rename", "name": f"c{n}"}))
+                await ws.send(json.dumps({"message": "still here"}))
+                while json.loads(await ws.recv())["type"] != "message":
+                    pass
+            cycles += 1
+        return cycles
+
+    async def scenario():
+        honest = await asyncio_connect(
+            f"ws://{host}/ws/chat/steady/?name=honest", origin=server.url
+        )
+        until = time.monotonic() + 2.5 * chat.MEMBER_TTL / 3 + 5
+        cycles = await asyncio.gather(*(churn(f"churn-{i}", until) for i in range(20)))
+        await honest.send(json.dumps({"message": "after the churn"}))
+        while (frame := json.loads(await honest.recv()))["type"] != "message":
+            pass
+        assert frame["message"] == "after the churn"
+        await honest.close()
+        return sum(cycles)
+
+    try:
+        assert asyncio.run(scenario()) > 100
+        rooms = get_json(server.url + "/chat/rooms.json")["rooms"]
+        assert all(room["name"] != "steady" for room in rooms)
+    finally:
+        server.stop()
+    assert "Redis failed" not in server.text and "Redis said" not in server.text
+    assert "Traceback" not in server.text, server.text
+
+
+def test_the_lobby_lists_busy_rooms_whatever_happened_since(redis_server):
+    server = ChatServer("--redis", redis_server, "--rate-limit", "0")
+    try:
+        with server.websocket("the-busy-room", name="ana") as ana:
+            next_frame(ana, "welcome")
+            for i in range(chat.LOBBY_SIZE + 10):  # each joins a fresh room, leaves
+                with server.websocket(f"passing-{i}") as passer:
+                    next_frame(passer, "welcome")
+            wait_until(
+                lambda: (
+                    get_json(server.url + "/chat/rooms.json")["rooms"]
+                    == [{"name": "the-busy-room", "count": 1}]
+                ),
+                what="the lobby to list the busy room alone",
+            )
+    finally:
+        server.stop()
+
+
 # --- Load, churn and crowds (small versions; chatbench runs the big ones) ---
 
 
