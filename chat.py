@@ -38,7 +38,7 @@ import threading
 import time
 import unicodedata
 import weakref
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from urllib.parse import parse_qs, urlsplit
@@ -78,6 +78,7 @@ ROOM_IDLE = 6 * 3600  #: seconds after which an unused room's history is forgott
 PRESENCE_DELAY = 0.25  #: seconds joins and leaves are gathered into one frame...
 PRESENCE_RATE = 400  #: ...or longer in a big room: presence frames a second it may cost
 TYPING_INTERVAL = 2  #: seconds between "is typing" frames of one member
+RENAME_INTERVAL = 5  #: seconds between renames of one member (each goes to everyone)
 MEMBER_TTL = 20  #: seconds a member of a vanished process stays listed (Redis)
 LOBBY_SIZE = 50  #: rooms listed in the lobby
 LOBBY_REFRESH = 3  #: seconds between the lobby's updates
@@ -85,7 +86,11 @@ CHANNEL_CAPACITY = 20_000  #: messages waiting for a room's hub before the layer
 #: Seconds a message may wait in the channel layer. Channels' default, 60 s, lost the tail
 #: of a 500,000-delivery burst (and the in-memory layer then drops the hub's groups).
 LAYER_EXPIRY = 300
-RATE_LIMIT = 5  #: frames a second per connection, in bursts of as many (--rate-limit)
+RATE_LIMIT = (
+    5  #: frames a second per connection and per address, in bursts (--rate-limit)
+)
+MAX_PER_ADDRESS = 64  #: WebSockets open from one client address (--max-per-address);
+#: TCP connections from one address (pages, fetches, sockets): twice as many
 MAX_FRAME = 64 * 1024  #: bytes per WebSocket frame; bigger ones close the socket (1009)
 MAX_BODY = 1024  #: bytes of an HTTP request's body (the pages send none): else 413
 MAX_HEAD = (
@@ -97,6 +102,7 @@ SLOW_READER_GRACE = 5  #: seconds a browser may leave its send buffer full...
 CATCH_UP_TIME = 30  #: ...then it is closed, and has this long to read what was queued
 CLOSE_TOO_SLOW = 4008  #: the close code for a reader too far behind
 CLOSE_UNAVAILABLE = 4503  #: the close code when Redis fails ("try again", as HTTP 503)
+CLOSE_TOO_MANY = 4429  #: the close code past MAX_PER_ADDRESS (as HTTP 429)
 SHUTDOWN_GRACE = 3  #: seconds members get to close their sockets when the server stops
 
 #: How chat.py talks to Redis: a dead server is noticed by health checks and keepalive.
@@ -190,6 +196,7 @@ if not settings.configured:
         ],
         TEMPLATES=[{"BACKEND": "django.template.backends.django.DjangoTemplates"}],
         CHAT_RATE_LIMIT=RATE_LIMIT,
+        CHAT_MAX_PER_ADDRESS=MAX_PER_ADDRESS,
         CHAT_QUIET=False,
     )
     use_redis(os.environ.get("REDIS_URL") or None)
@@ -359,9 +366,12 @@ ROOM_PAGE = """<!DOCTYPE html>
   function setStatus(text) {
     status.textContent = text + (outbox.length ? ' — ' + outbox.length + ' waiting to send' : '');
   }
+  // Who is online: the welcome names them, then each join, leave or rename says
+  // only what changed (a frame with every name, to every member, would not scale).
+  let members = new Set();
   function showMembers(frame) {
     document.querySelector('#member-count').textContent = frame.count + ' online:';
-    document.querySelector('#members').replaceChildren(...[...frame.members].sort().map(function (name) {
+    document.querySelector('#members').replaceChildren(...[...members].sort().map(function (name) {
       const item = document.createElement('li');
       item.textContent = name;
       return item;
@@ -385,14 +395,25 @@ ROOM_PAGE = """<!DOCTYPE html>
       online = true;
       retries = 0;
       me = frame.user;
+      members = new Set(frame.members);
       showMembers(frame);
       while (outbox.length) chatSocket.send(JSON.stringify(outbox.shift()));
       setStatus('connected as ' + me);
     },
-    join(frame) { addLine('→ ' + frame.message); showMembers(frame); },
-    leave(frame) { addLine('← ' + frame.message); showMembers(frame); },
+    join(frame) {
+      addLine('→ ' + frame.message);
+      frame.users.forEach((name) => members.add(name));
+      showMembers(frame);
+    },
+    leave(frame) {
+      addLine('← ' + frame.message);
+      frame.users.forEach((name) => members.delete(name));
+      showMembers(frame);
+    },
     rename(frame) {
       addLine('✎ ' + frame.message);
+      members.delete(frame.old);
+      members.add(frame.user);
       showMembers(frame);
       if (frame.old === me) { me = frame.user; setStatus('connected as ' + me); }
     },
@@ -892,7 +913,6 @@ def presence_frame(kind: str, names: list[str], presence: Presence) -> dict:
         "user": names[0],
         "users": names[:MAX_LISTED],
         "count": presence.count,
-        "members": presence.names,
     }
 
 
@@ -917,7 +937,6 @@ def rename_frame(old: str, new: str, presence: Presence) -> dict:
         "user": new,
         "old": old,
         "count": presence.count,
-        "members": presence.names,
     }
 
 
@@ -929,9 +948,14 @@ def error_frame(why: str) -> dict:
     return {"type": "error", "message": why}
 
 
+def encode(frame: dict) -> str:
+    """JSON as UTF-8 text: "é" is 2 bytes on the wire, not the 6 of "\\u00e9"."""
+    return json.dumps(frame, ensure_ascii=False)
+
+
 def message_event(frame: dict) -> dict:
     """A message for the room's group, encoded once for all its members."""
-    text = json.dumps(frame)
+    text = encode(frame)
     return {
         "type": "chat.message",
         "id": frame["id"],
@@ -941,7 +965,7 @@ def message_event(frame: dict) -> dict:
 
 
 def frame_event(frame: dict, sender: str = "") -> dict:
-    return {"type": "chat.frame", "text": json.dumps(frame), "sender": sender}
+    return {"type": "chat.frame", "text": encode(frame), "sender": sender}
 
 
 class Refused(Exception):
@@ -976,6 +1000,9 @@ class RateLimit:
 
     def __init__(self, rate: float):
         self.rate, self.tokens, self.updated = rate, rate, time.monotonic()
+
+    def is_full(self) -> bool:
+        return time.monotonic() - self.updated >= 1  # (refilled within a second)
 
     def allows(self) -> bool:
         now = time.monotonic()
@@ -1028,12 +1055,22 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             log(f"refused {client_of(self.scope)}: no room at {self.scope['path']!r}")
             await self.close()  # before accept(): the handshake is refused (403)
             return
+        self.address = (self.scope.get("client") or ["?"])[0]
+        if not room_for_one_more(self.address):
+            cap = settings.CHAT_MAX_PER_ADDRESS
+            log(f"refused {client_of(self.scope)}: {cap} sockets from there already")
+            await self.accept()  # (so that it can be told why; Daphne sends no reason)
+            await self.send_json(error_frame(f"at most {cap} connections per address"))
+            await self.close(CLOSE_TOO_MANY)
+            return
         name, since, epoch = query_params(self.scope)
         self.room_name, self.room_group_name = room_name, group_name(room_name)
+        sockets_per_address[self.address] += 1
         self.user = clean_name(name)
         self.member_id = secrets.token_hex(8)  # tells apart members of the same name
-        self.last_typing = 0.0
+        self.last_typing = self.last_rename = 0.0
         self.rate_limit = RateLimit(settings.CHAT_RATE_LIMIT)
+        self.address_rate = rate_of_address(self.address)  # shared by its sockets
         self.backlog: list[dict] | None = []  # what arrives while history is replayed
         await self.accept()
         open_sockets.add(self)
@@ -1070,13 +1107,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             room, self.room_name = self.room_name, None
             log(f"{self.user} left {room!r}: {why}")
             open_sockets.discard(self)
+            leave_address(self.address)
             leave_hub(room, self)
             await rooms().leave(room, self.member_id)
             announce(room, "leave", self.user)
 
     # Frames from the browser: anything malformed is answered, never relayed.
     async def receive(self, text_data=None, bytes_data=None):
-        if not self.rate_limit.allows():
+        if not (self.rate_limit.allows() and self.address_rate.allows()):
             limit = settings.CHAT_RATE_LIMIT
             await self.send_json(error_frame(f"slow down: at most {limit:g} a second"))
             return
@@ -1091,6 +1129,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.send_json(error_frame("not valid JSON"))
             return
         await self.receive_json(content)
+
+    @classmethod
+    async def encode_json(cls, content) -> str:
+        return encode(content)
 
     async def receive_json(self, content):
         kind = content.get("type", "message") if isinstance(content, dict) else None
@@ -1118,6 +1160,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def rename(self, content: dict) -> None:
         if not isinstance(content.get("name"), str):
             raise Refused('expected {"type": "rename", "name": "new name"}')
+        if time.monotonic() - self.last_rename < RENAME_INTERVAL:
+            raise Refused(f"one new name every {RENAME_INTERVAL} seconds")
+        self.last_rename = time.monotonic()
         old, self.user = self.user, clean_name(content["name"])
         if self.user != old:
             presence = await rooms().rename(self.room_name, self.member_id, self.user)
@@ -1279,6 +1324,40 @@ def leave_hub(room: str, member: ChatConsumer) -> None:
 
 open_sockets: set[ChatConsumer] = set()
 
+# Client addresses: one student's script may not take the sockets and the rate of
+# a whole workshop. Reconnecting does not refill an address's rate.
+sockets_per_address: Counter[str] = Counter()
+address_rates: dict[str, RateLimit] = {}
+
+
+def room_for_one_more(address: str) -> bool:
+    cap = settings.CHAT_MAX_PER_ADDRESS
+    return not cap or sockets_per_address[address] < cap
+
+
+def rate_of_address(address: str) -> RateLimit:
+    rate = address_rates.get(address)
+    if not rate:
+        rate = address_rates[address] = RateLimit(settings.CHAT_RATE_LIMIT)
+    return rate
+
+
+def leave_address(address: str) -> None:
+    sockets_per_address[address] -= 1
+    if not sockets_per_address[address]:
+        del sockets_per_address[address]
+        asyncio.get_running_loop().call_later(1, forget_address, address)
+
+
+def forget_address(address: str) -> None:
+    """An address without sockets whose rate is full again is as good as new."""
+    rate = address_rates.get(address)
+    if rate and address not in sockets_per_address:
+        if rate.is_full():
+            del address_rates[address]
+        else:
+            asyncio.get_running_loop().call_later(1, forget_address, address)
+
 
 # Routing and application #####################################################
 
@@ -1364,11 +1443,26 @@ class GuardedConnection(ProtocolWrapper):
     HEAD pass (405), with at most MAX_BODY bytes of body (413). Once it is a
     WebSocket, its frames go straight on: autobahn limits them (MAX_FRAME)."""
 
-    def __init__(self, factory: WrappingFactory, wrapped) -> None:
+    def __init__(self, factory: "Guard", wrapped) -> None:
         super().__init__(factory, wrapped)
         self.head = b""  # the start of a request not yet looked at
         self.body_left = 0  # bytes of an allowed body still to come
         self.websocket = False
+
+    def makeConnection(self, transport) -> None:
+        super().makeConnection(transport)
+        self.address = transport.getPeer().host
+        per_address = self.factory.per_address
+        per_address[self.address] += 1
+        if self.factory.cap and per_address[self.address] > self.factory.cap:
+            self.refuse(429, "Too Many Requests")
+
+    def connectionLost(self, reason) -> None:
+        per_address = self.factory.per_address
+        per_address[self.address] -= 1
+        if not per_address[self.address]:
+            del per_address[self.address]
+        super().connectionLost(reason)
 
     def dataReceived(self, data: bytes) -> None:
         if self.websocket:
@@ -1415,28 +1509,38 @@ class GuardedConnection(ProtocolWrapper):
         peer = self.transport.getPeer()
         log(f"refused {peer.host}:{peer.port}: HTTP {status} {reason}")
         body = f"{reason}\n".encode()
+        allow = "Allow: GET, HEAD\r\n" if status == 405 else ""
         self.transport.write(
             f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            f"Allow: GET, HEAD\r\nContent-Length: {len(body)}\r\n"
-            "Connection: close\r\n\r\n".encode()
+            f"{allow}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
             + body
         )
         self.loseConnection()
 
 
-def guarded(server_class):
-    """Daphne's Server, listening through GuardedConnection: Daphne listens with
-    whatever its `http_factory` holds, so here that is the factory, wrapped."""
+class Guard(WrappingFactory):
+    """Daphne's HTTP factory, its connections guarded, at most `cap` from one
+    address (0: no cap) so that slow requests cannot take every socket either."""
+
+    protocol = GuardedConnection
+
+    def __init__(self, factory, cap: int) -> None:
+        super().__init__(factory)
+        self.cap, self.per_address = cap, Counter()
+
+
+def guarded(server_class, cap: int):
+    """Daphne's Server, listening through a Guard: Daphne listens with whatever its
+    `http_factory` holds when it starts, so here that is the factory, wrapped."""
 
     class GuardedServer(server_class):
         @property
-        def http_factory(self):
+        def http_factory(self) -> Guard:
             return self.guard
 
         @http_factory.setter
         def http_factory(self, factory) -> None:
-            self.guard = WrappingFactory(factory)
-            self.guard.protocol = GuardedConnection
+            self.guard = Guard(factory, cap)
 
     return GuardedServer
 
@@ -1476,6 +1580,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=RATE_LIMIT,
         help=f"frames a second per connection, 0 for no limit (default {RATE_LIMIT})",
+    )
+    parser.add_argument(
+        "--max-per-address",
+        metavar="N",
+        type=int,
+        default=MAX_PER_ADDRESS,
+        help="WebSockets open from one client address, 0 for no cap"
+        f" (default {MAX_PER_ADDRESS})",
     )
     parser.add_argument(
         "--debug", action="store_true", help="Django's DEBUG: tracebacks in pages"
@@ -1552,17 +1664,43 @@ def print_banner(host: str, port: int, workers: int = 1) -> None:
     layer = f"Redis at {redis_url}" if redis_url else "in memory"
     processes = f", {workers} worker processes" if workers > 1 else ""
     print(f"chat.py: channel layer: {layer}{processes}. Ctrl-C stops.", flush=True)
-    limit = settings.CHAT_RATE_LIMIT
+    rate, cap = settings.CHAT_RATE_LIMIT, settings.CHAT_MAX_PER_ADDRESS
     print(
-        f"chat.py: limits: {f'{limit:g} frames/s' if limit else 'no rate limit'}"
-        f" per connection, {MAX_MESSAGE} characters a message,"
-        f" {HISTORY_SIZE} messages of history a room",
+        f"chat.py: limits: {f'{rate:g} frames/s' if rate else 'no rate limit'}"
+        f" per connection and address, {cap or 'any number of'} sockets an address,"
+        f" {MAX_MESSAGE} characters a message, {HISTORY_SIZE} messages of history a room",
+        flush=True,
+    )
+    files = open_file_limit()
+    print(
+        f"chat.py: room for about {files - SPARE_FILES:,} connections a process"
+        f" (open-file limit {files:,})",
         flush=True,
     )
 
 
+SPARE_FILES = 50  #: open files kept for everything but client connections
+
+
+def open_file_limit() -> int:
+    """Raise this process's open-file limit as far as the system lets it (often
+    from 1,024): each connection is an open file. Returns the limit."""
+    try:
+        import resource  # (not on Windows)
+    except ImportError:
+        return 512
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for limit in (hard, 10240):  # (macOS says "unlimited", and allows OPEN_MAX)
+        with contextlib.suppress(ValueError, OSError):
+            if limit != resource.RLIM_INFINITY and limit > soft:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+                return limit
+    return soft
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    open_file_limit()  # (raised before workers or the reloader's server start)
     use_redis(args.redis)
     if args.workers > 1 and not args.redis:
         fail("--workers needs --redis: that is how the workers share rooms")
@@ -1570,6 +1708,7 @@ def main(argv: list[str] | None = None) -> None:
         check_redis(args.redis)
     settings.CHAT_HOSTS += [args.host.lower(), *(h.lower() for h in args.allowed_host)]
     settings.CHAT_RATE_LIMIT = args.rate_limit
+    settings.CHAT_MAX_PER_ADDRESS = args.max_per_address
     settings.DEBUG = args.debug
     settings.CHAT_QUIET = args.quiet
     if args.reload:
@@ -1599,7 +1738,9 @@ def serve(args: argparse.Namespace, shared: socket.socket | None = None) -> None
     # Importing Daphne's server installs Twisted's asyncio reactor: only when serving.
     from daphne.server import Server
 
-    server = guarded(Server)(
+    # Behind a proxy every connection comes from the proxy: it limits them (README).
+    per_address = 0 if args.proxy_headers else 2 * args.max_per_address
+    server = guarded(Server, per_address)(
         application,
         endpoints=[daphne_endpoint(sock, shared=shared is not None)],
         ready_callable=lambda: serving(server, args.host, port, not shared),
