@@ -38,7 +38,7 @@ import threading
 import time
 import unicodedata
 import weakref
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from urllib.parse import parse_qs, urlsplit
@@ -69,11 +69,19 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 # Configuration ###############################################################
 
-MAX_MESSAGE = 2000  #: characters per chat message
+MAX_MESSAGE = 2000  #: characters per chat message...
+MAX_MESSAGE_BYTES = 4000  #: ...and bytes of UTF-8 (2,000 emoji would be 8,000)
 MAX_NAME = 32  #: characters per nickname
 MAX_ROOM_NAME = 100  #: characters per room name
 MAX_LISTED = 100  #: names in a member list (the count is always exact)
+MAX_MARKS = 2  #: combining marks on one character of a name ("Zalgo" stacks dozens)
 HISTORY_SIZE = 100  #: messages kept per room for late joiners and reconnects
+#: Bytes all rooms together may keep (messages, members, bookkeeping, as UTF-8 text,
+#: in memory or in Redis). Past it, the least recently used rooms without members
+#: are forgotten: a flood of rooms levels off, and rooms with members keep theirs.
+ROOMS_BUDGET = 32 * 1024 * 1024
+ROOM_BYTES = 1024  #: what a room's bookkeeping counts for...
+ENTRY_BYTES = 64  #: ...and that of each message and member, besides its text
 ROOM_IDLE = 6 * 3600  #: seconds after which an unused room's history is forgotten
 PRESENCE_DELAY = 0.25  #: seconds joins and leaves are gathered into one frame...
 PRESENCE_RATE = 400  #: ...or longer in a big room: presence frames a second it may cost
@@ -103,6 +111,7 @@ CATCH_UP_TIME = 30  #: ...then it is closed, and has this long to read what was 
 CLOSE_TOO_SLOW = 4008  #: the close code for a reader too far behind
 CLOSE_UNAVAILABLE = 4503  #: the close code when Redis fails ("try again", as HTTP 503)
 CLOSE_TOO_MANY = 4429  #: the close code past MAX_PER_ADDRESS (as HTTP 429)
+CLOSE_REFUSED = 4500  #: the close code when Redis refuses a call (as HTTP 500)
 SHUTDOWN_GRACE = 3  #: seconds members get to close their sockets when the server stops
 
 #: How chat.py talks to Redis: a dead server is noticed by health checks and keepalive.
@@ -484,10 +493,39 @@ room_template = engines["django"].from_string(ROOM_PAGE)
 
 
 def is_valid_room(name: str) -> bool:
-    """1-100 letters (any script, with their marks), digits, '_' or '-'."""
-    return 0 < len(name) <= MAX_ROOM_NAME and all(
-        ch in "_-" or unicodedata.category(ch)[0] in "LMN" for ch in name
+    """1-100 letters (any script, with at most MAX_MARKS marks each), digits, '_'
+    or '-', and not only letters that draw nothing."""
+    return (
+        0 < len(name) <= MAX_ROOM_NAME
+        and all(ch in "_-" or unicodedata.category(ch)[0] in "LMN" for ch in name)
+        and without_mark_stacks(name) == name
+        and is_visible(name)
     )
+
+
+# Letters that draw nothing (Hangul and halfwidth fillers, the blank Braille cell):
+# a name of these alone would be invisible.
+FILLERS = "\u115f\u1160\u3164\uffa0\u2800"
+
+
+def is_visible(text: str) -> bool:
+    return any(
+        ch not in FILLERS
+        and not ch.isspace()
+        and unicodedata.category(ch)[0] not in "MC"
+        for ch in text
+    )
+
+
+def without_mark_stacks(text: str) -> str:
+    """At most MAX_MARKS combining marks on each character: a stack of dozens draws
+    over the lines above and below."""
+    kept, marks = [], 0
+    for ch in text:
+        marks = marks + 1 if unicodedata.category(ch)[0] == "M" else 0
+        if marks <= MAX_MARKS:
+            kept.append(ch)
+    return "".join(kept)
 
 
 def group_name(room: str) -> str:
@@ -503,11 +541,15 @@ def room_key(room: str) -> str:
 
 
 def clean_name(raw: str) -> str:
-    """A nickname on one line, without control characters, at most MAX_NAME long."""
+    """A nickname on one line, without control or format characters or stacks of
+    marks, at most MAX_NAME long; one that shows nothing becomes a guest's."""
     kept = "".join(
-        ch for ch in raw if ch.isspace() or unicodedata.category(ch)[0] != "C"
+        ch
+        for ch in unicodedata.normalize("NFC", raw)
+        if ch.isspace() or unicodedata.category(ch)[0] != "C"
     )
-    return " ".join(kept.split())[:MAX_NAME].strip() or guest_name()
+    name = " ".join(without_mark_stacks(kept).split())[:MAX_NAME].strip()
+    return name if is_visible(name) else guest_name()
 
 
 def guest_name() -> str:
@@ -524,31 +566,79 @@ class Presence:
     names: list[str]  # at most MAX_LISTED of them
 
 
+def unused_name(nickname: str, taken) -> str:
+    """The nickname, or "nickname (2)", "(3)"...: the first no one in the room has,
+    so that nobody can pass for someone else by name."""
+    name, n = nickname, 1
+    while name in taken:
+        n += 1
+        name = f"{nickname} ({n})"
+    return name
+
+
+def history_event(message_id: int, epoch: str, text: str) -> dict:
+    """A message for the room's group, as encoded once for all its members."""
+    return {"type": "chat.message", "id": message_id, "epoch": epoch, "text": text}
+
+
 @dataclass
 class MemoryRoom:
     epoch: str = field(default_factory=new_epoch)
     last_id: int = 0
     history: deque = field(default_factory=lambda: deque(maxlen=HISTORY_SIZE))
-    members: dict[str, str] = field(default_factory=dict)  # member id -> nickname
+    members: dict[str, str] = field(default_factory=dict)  # nickname -> member id
     used: float = field(default_factory=time.monotonic)
+    size: int = 0  # the bytes it counts for against ROOMS_BUDGET
+
+    def events(self, first: int, last: int) -> list[dict]:
+        """Its kept messages with ids from first to last. (History holds the last
+        messages, each as UTF-8 JSON: the ids are the last ones, in order.)"""
+        oldest = self.last_id - len(self.history) + 1
+        first = max(first, oldest)
+        kept = itertools.islice(self.history, first - oldest, max(last - oldest + 1, 0))
+        return [
+            history_event(first + n, self.epoch, text.decode())
+            for n, text in enumerate(kept)
+        ]
 
 
 class MemoryRooms:
-    """Rooms of a single process: bounded history, members, and the ids of messages."""
+    """Rooms of a single process: bounded history, members, and the ids of messages.
+
+    What they keep is counted in bytes. Past ROOMS_BUDGET, rooms without members
+    are forgotten, least recently used first (and any unused for ROOM_IDLE): they
+    wait in order of use, so finding them walks no other room."""
 
     def __init__(self):
-        self.rooms: dict[str, MemoryRoom] = {}
+        self.occupied: dict[str, MemoryRoom] = {}
+        self.unoccupied: OrderedDict[str, MemoryRoom] = OrderedDict()  # oldest first
+        self.size = 0  # bytes counted, all rooms together
 
     def room(self, name: str) -> MemoryRoom:
-        room = self.rooms.get(name) or self.rooms.setdefault(name, MemoryRoom())
+        room = self.occupied.get(name)
+        if room is None:
+            room = self.unoccupied.get(name)
+            if room is None:
+                room = self.unoccupied[name] = MemoryRoom()
+                self.resize(room, ROOM_BYTES + len(name.encode()))
+            self.unoccupied.move_to_end(name)
         room.used = time.monotonic()
         return room
+
+    def resize(self, room: MemoryRoom, change: int) -> None:
+        room.size += change
+        self.size += change
 
     async def post(self, name: str, frame: dict) -> dict:
         room = self.room(name)
         room.last_id += 1
         frame = {**frame, "id": room.last_id, "epoch": room.epoch}
-        room.history.append(frame)
+        if len(room.history) == HISTORY_SIZE:  # the oldest goes
+            self.resize(room, -ENTRY_BYTES - len(room.history[0]))
+        text = encode(frame).encode()
+        room.history.append(text)
+        self.resize(room, ENTRY_BYTES + len(text))
+        self.forget_rooms()
         return frame
 
     async def position(self, name: str) -> tuple[str, int]:
@@ -557,71 +647,173 @@ class MemoryRooms:
         return room.epoch, room.last_id
 
     async def recent(self, name: str, since: int, epoch: str) -> tuple[str, int, list]:
-        """The room's epoch, its last id, and its kept messages after `since`."""
+        """The room's epoch, its last id, and its kept messages after `since` (all
+        of them if `epoch` is another numbering's)."""
         room = self.room(name)
-        since = since if epoch == room.epoch else 0
-        return room.epoch, room.last_id, [f for f in room.history if f["id"] > since]
+        since = 0 if epoch and epoch != room.epoch else since
+        return room.epoch, room.last_id, room.events(since + 1, room.last_id)
 
     async def between(self, name: str, first: int, last: int) -> list[dict]:
-        return [f for f in self.room(name).history if first <= f["id"] <= last]
+        return self.room(name).events(first, last)
 
-    async def join(self, name: str, member: str, nickname: str) -> Presence:
-        self.forget_idle_rooms()
-        self.room(name).members[member] = nickname
+    async def join(self, name: str, member: str, nickname: str) -> tuple[str, Presence]:
+        """The member is in the room, under the name returned."""
+        room = self.room(name)
+        self.occupied[name] = self.unoccupied.pop(name, room)
+        nickname = unused_name(nickname, room.members)
+        room.members[nickname] = member
+        self.resize(room, ENTRY_BYTES + len(nickname.encode()))
+        self.forget_rooms()
+        return nickname, await self.presence(name)
+
+    async def leave(self, name: str, member: str, nickname: str) -> Presence:
+        room = self.room(name)
+        if room.members.get(nickname) == member:
+            del room.members[nickname]
+            self.resize(room, -ENTRY_BYTES - len(nickname.encode()))
+            if not room.members:
+                self.unoccupied[name] = self.occupied.pop(name)
         return await self.presence(name)
 
-    async def leave(self, name: str, member: str) -> Presence:
-        self.room(name).members.pop(member, None)
-        return await self.presence(name)
-
-    async def rename(self, name: str, member: str, nickname: str) -> Presence:
-        self.room(name).members[member] = nickname
-        return await self.presence(name)
+    async def rename(
+        self, name: str, member: str, old: str, nickname: str
+    ) -> tuple[str, Presence]:
+        await self.leave(name, member, old)
+        return await self.join(name, member, nickname)
 
     async def presence(self, name: str) -> Presence:
         members = self.room(name).members
-        names = list(itertools.islice(members.values(), MAX_LISTED))
-        return Presence(len(members), names)
+        return Presence(len(members), list(itertools.islice(members, MAX_LISTED)))
 
     async def active(self) -> list[tuple[str, int]]:
-        self.forget_idle_rooms()
-        return [(name, len(r.members)) for name, r in self.rooms.items() if r.members]
+        self.forget_rooms()
+        return [(name, len(room.members)) for name, room in self.occupied.items()]
 
-    def forget_idle_rooms(self) -> None:
+    def forget_rooms(self) -> None:
+        """Forget the rooms without members that were unused for ROOM_IDLE, and
+        past ROOMS_BUDGET the least recently used: they come first in the queue."""
         idle_since = time.monotonic() - ROOM_IDLE
-        for name, room in list(self.rooms.items()):
-            if not room.members and room.used < idle_since:
-                del self.rooms[name]
+        while self.unoccupied:
+            name, room = next(iter(self.unoccupied.items()))
+            if self.size <= ROOMS_BUDGET and room.used >= idle_since:
+                break
+            del self.unoccupied[name]
+            self.size -= room.size
 
 
 class RedisRooms:
     """The same rooms kept in Redis, so that every chat.py process shares them.
 
-    Per room: a hash (epoch, last id), a sorted set of messages scored by id, and a
-    sorted set of members scored by when they expire. Each process keeps its own
-    members alive; a member of a process that died expires and is announced as gone.
-    Every key expires after ROOM_IDLE without use.
+    Per room: a hash (epoch, last id), a sorted set of messages scored by id, a
+    sorted set of members scored by when they expire, and a hash of the names in
+    use. Each process keeps its own members alive; a member of a process that died
+    expires and is announced as gone. Every key expires after ROOM_IDLE without use.
+    What the rooms keep is counted in bytes and kept within ROOMS_BUDGET, as in
+    memory: `chat:used` orders the rooms by last use, `chat:sizes` says what each
+    counts for, `chat:bytes` sums them up.
     """
 
+    # Whatever makes a room hold more counts it, then keeps all rooms within budget:
+    # the least recently used rooms without members go first (and those unused for
+    # ROOM_IDLE, whose keys expired), a few at a time.
+    BUDGET = """
+        local function count(prefix, bytes, now, budget, idle)
+            redis.call('ZADD', 'chat:used', now, prefix)
+            redis.call('HINCRBY', 'chat:sizes', prefix, bytes)
+            local total = redis.call('INCRBY', 'chat:bytes', bytes)
+            for _, key in ipairs({'chat:used', 'chat:sizes', 'chat:bytes'}) do
+                redis.call('EXPIRE', key, idle)
+            end
+            local oldest = redis.call('ZRANGE', 'chat:used', 0, 9, 'WITHSCORES')
+            for i = 1, #oldest, 2 do
+                local other, used = oldest[i], tonumber(oldest[i + 1])
+                if total <= budget and used > now - idle then break end
+                if redis.call('EXISTS', other .. ':members') == 1 then
+                    redis.call('ZADD', 'chat:used', now, other)  -- in use: kept
+                elseif other ~= prefix then
+                    local size = redis.call('HGET', 'chat:sizes', other) or 0
+                    total = redis.call('DECRBY', 'chat:bytes', size)
+                    redis.call('HDEL', 'chat:sizes', other)
+                    redis.call('ZREM', 'chat:used', other)
+                    redis.call('DEL', other .. ':room', other .. ':history')
+                end
+            end
+        end
+    """
     # One script, so an id is never handed out without its message being in history:
     # whoever sees message n can always find n-1 there.
-    POST = """
-        redis.call('HSETNX', KEYS[1], 'epoch', ARGV[2])
+    POST = (
+        BUDGET
+        + """
+        local bytes = 0
+        if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[2]) == 1 then
+            bytes = tonumber(ARGV[6])
+        end
         local frame = cjson.decode(ARGV[1])
         frame['id'] = redis.call('HINCRBY', KEYS[1], 'last_id', 1)
         frame['epoch'] = redis.call('HGET', KEYS[1], 'epoch')
         local encoded = cjson.encode(frame)
         redis.call('ZADD', KEYS[2], frame['id'], encoded)
-        redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -1 - tonumber(ARGV[3]))
+        bytes = bytes + #encoded + ARGV[7]
+        local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3])
+        if over > 0 then
+            for _, old in ipairs(redis.call('ZRANGE', KEYS[2], 0, over - 1)) do
+                bytes = bytes - #old - ARGV[7]
+            end
+            redis.call('ZREMRANGEBYRANK', KEYS[2], 0, over - 1)
+        end
         redis.call('EXPIRE', KEYS[1], ARGV[4])
         redis.call('EXPIRE', KEYS[2], ARGV[4])
+        count(ARGV[5], bytes, tonumber(ARGV[8]), tonumber(ARGV[9]), ARGV[4])
         return encoded
+    """
+    )
+    # The room's epoch and last id; a room that starts here is counted.
+    POSITION = (
+        BUDGET
+        + """
+        local bytes = 0
+        if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1]) == 1 then
+            bytes = tonumber(ARGV[4])
+        end
+        count(ARGV[3], bytes, tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[2])
+        redis.call('EXPIRE', KEYS[1], ARGV[2])
+        redis.call('EXPIRE', KEYS[2], ARGV[2])
+        return redis.call('HMGET', KEYS[1], 'epoch', 'last_id')
+    """
+    )
+    # A member joins under the first of "name", "name (2)"... no one else has.
+    JOIN = """
+        local name, n = ARGV[2], 1
+        while true do
+            local owner = redis.call('HGET', KEYS[2], name)
+            if not owner or owner == ARGV[1] then break end
+            n = n + 1
+            name = ARGV[2] .. ' (' .. n .. ')'
+        end
+        redis.call('HSET', KEYS[2], name, ARGV[1])
+        redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1] .. '\\n' .. name)
+        redis.call('EXPIRE', KEYS[1], ARGV[4])
+        redis.call('EXPIRE', KEYS[2], ARGV[4])
+        return name
+    """
+    LEAVE = """
+        redis.call('ZREM', KEYS[1], ARGV[1] .. '\\n' .. ARGV[2])
+        if redis.call('HGET', KEYS[2], ARGV[2]) == ARGV[1] then
+            redis.call('HDEL', KEYS[2], ARGV[2])
+        end
     """
     # A room's members: those expired are removed and returned, so that exactly one
     # process announces each; the count goes to the lobby's rooms by member count.
     PRESENCE = """
         local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 500)
         if #gone > 0 then redis.call('ZREM', KEYS[1], unpack(gone)) end
+        for _, entry in ipairs(gone) do
+            local member, name = string.match(entry, '^(.-)\\n(.*)$')
+            if redis.call('HGET', KEYS[3], name) == member then
+                redis.call('HDEL', KEYS[3], name)
+            end
+        end
         local count = redis.call('ZCARD', KEYS[1])
         if count > 0 then
             redis.call('ZADD', KEYS[2], count, ARGV[2])
@@ -639,67 +831,84 @@ class RedisRooms:
         self.redis = redis.asyncio.Redis.from_url(
             url, decode_responses=True, **REDIS_OPTIONS
         )
-        self.post_script = self.redis.register_script(self.POST)
-        self.presence_script = self.redis.register_script(self.PRESENCE)
+        self.scripts = {
+            script: self.redis.register_script(getattr(self, script))
+            for script in ("POST", "POSITION", "JOIN", "LEAVE", "PRESENCE")
+        }
         self.local: dict[str, dict[str, str]] = {}  # room -> our members -> their entry
         self.keeper: asyncio.Task | None = None
 
     @staticmethod
-    def keys(name: str) -> tuple[str, str, str]:
-        prefix = f"chat:{room_key(name)}"
-        return f"{prefix}:room", f"{prefix}:history", f"{prefix}:members"
+    def prefix(name: str) -> str:
+        return f"chat:{room_key(name)}"
+
+    def keys(self, name: str) -> tuple[str, str, str, str]:
+        prefix = self.prefix(name)
+        return tuple(
+            f"{prefix}:{key}" for key in ("room", "history", "members", "names")
+        )
+
+    def budget(self) -> list:
+        """What the scripts that count need to know."""
+        return [time.time(), ROOMS_BUDGET]
 
     async def post(self, name: str, frame: dict) -> dict:
-        room, history, _ = self.keys(name)
+        room, history, _, _ = self.keys(name)
         args = [json.dumps(frame), new_epoch(), HISTORY_SIZE, ROOM_IDLE]
-        return json.loads(await self.post_script(keys=[room, history], args=args))
+        args += [self.prefix(name), ROOM_BYTES, ENTRY_BYTES, *self.budget()]
+        encoded = await self.scripts["POST"](keys=[room, history], args=args)
+        return json.loads(encoded)
 
     async def position(self, name: str) -> tuple[str, int]:
-        room = self.keys(name)[0]
-        async with self.redis.pipeline() as pipe:
-            pipe.hsetnx(room, "epoch", new_epoch()).expire(room, ROOM_IDLE)
-            pipe.hmget(room, "epoch", "last_id")
-            (epoch, last_id) = (await pipe.execute())[-1]
+        room, history, _, _ = self.keys(name)
+        args = [new_epoch(), ROOM_IDLE, self.prefix(name), ROOM_BYTES, *self.budget()]
+        epoch, last_id = await self.scripts["POSITION"](keys=[room, history], args=args)
         return epoch, int(last_id or 0)
 
     async def recent(self, name: str, since: int, epoch: str) -> tuple[str, int, list]:
         room_epoch, last_id = await self.position(name)
-        since = since if epoch == room_epoch else 0
-        history = self.keys(name)[1]
-        kept = await self.redis.zrange(history, f"({since}", "+inf", byscore=True)
-        return room_epoch, last_id, [json.loads(entry) for entry in kept]
+        since = 0 if epoch and epoch != room_epoch else since
+        return room_epoch, last_id, await self.between(name, since + 1, last_id)
 
     async def between(self, name: str, first: int, last: int) -> list[dict]:
         kept = await self.redis.zrange(self.keys(name)[1], first, last, byscore=True)
-        return [json.loads(entry) for entry in kept]
+        return [message_event(json.loads(entry)) for entry in kept]
 
-    async def join(self, name: str, member: str, nickname: str) -> Presence:
-        entry = f"{member}\n{nickname}"
-        self.local.setdefault(name, {})[member] = entry
-        await self.redis.zadd(self.keys(name)[2], {entry: time.time() + MEMBER_TTL})
+    async def join(self, name: str, member: str, nickname: str) -> tuple[str, Presence]:
+        """The member is in the room, under the name returned."""
+        keys = self.keys(name)[2:]
+        args = [member, nickname, time.time() + MEMBER_TTL, ROOM_IDLE]
+        nickname = await self.scripts["JOIN"](keys=keys, args=args)
+        self.local.setdefault(name, {})[member] = f"{member}\n{nickname}"
         if self.keeper is None:
             self.keeper = asyncio.create_task(self.keep_members_alive())
-        return await self.presence(name)
+        return nickname, await self.presence(name)
 
-    async def leave(self, name: str, member: str) -> Presence:
+    async def leave(self, name: str, member: str, nickname: str) -> Presence:
         ours = self.local.get(name, {})
         entry = ours.pop(member, None)
         if not ours:
             self.local.pop(name, None)
         if entry:
-            await self.redis.zrem(self.keys(name)[2], entry)
+            await self.scripts["LEAVE"](
+                keys=self.keys(name)[2:], args=[member, nickname]
+            )
         return await self.presence(name)
 
-    async def rename(self, name: str, member: str, nickname: str) -> Presence:
-        await self.leave(name, member)
+    async def rename(
+        self, name: str, member: str, old: str, nickname: str
+    ) -> tuple[str, Presence]:
+        await self.leave(name, member, old)
         return await self.join(name, member, nickname)
 
     async def presence(self, name: str) -> Presence:
         """Who is here. Members whose process stopped keeping them alive are
         dropped, and announced as gone."""
-        keys = [self.keys(name)[2], "chat:busy"]
+        _, _, members, names = self.keys(name)
         args = [time.time(), name, MAX_LISTED, ROOM_IDLE]
-        gone, count, entries = await self.presence_script(keys=keys, args=args)
+        gone, count, entries = await self.scripts["PRESENCE"](
+            keys=[members, "chat:busy", names], args=args
+        )
         for entry in gone:
             announce(name, "leave", entry.split("\n", 1)[1])
         return Presence(count, [entry.split("\n", 1)[1] for entry in entries])
@@ -740,7 +949,7 @@ class RedisRooms:
         except OUTAGES:
             raise
         except STORE_ERRORS as error:
-            print(f"chat.py: room {name}: Redis said: {error!r}", file=sys.stderr)
+            print(f"chat.py: room {name}: Redis said: {error}", file=sys.stderr)
 
 
 @functools.cache
@@ -955,13 +1164,7 @@ def encode(frame: dict) -> str:
 
 def message_event(frame: dict) -> dict:
     """A message for the room's group, encoded once for all its members."""
-    text = encode(frame)
-    return {
-        "type": "chat.message",
-        "id": frame["id"],
-        "epoch": frame["epoch"],
-        "text": text,
-    }
+    return history_event(frame["id"], frame["epoch"], encode(frame))
 
 
 def frame_event(frame: dict, sender: str = "") -> dict:
@@ -981,6 +1184,8 @@ def message_text(content: dict) -> str:
         raise Refused("empty message")
     if len(text) > MAX_MESSAGE:
         raise Refused(f"message longer than {MAX_MESSAGE} characters")
+    if len(text.encode(errors="replace")) > MAX_MESSAGE_BYTES:
+        raise Refused(f"message longer than {MAX_MESSAGE_BYTES} bytes of UTF-8")
     if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in text):
         raise Refused("message contains control characters")
     return text
@@ -1041,10 +1246,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             with contextlib.suppress(Exception):
                 await self.close(code=CLOSE_UNAVAILABLE, reason="Redis is unavailable")
         except STORE_ERRORS as error:  # Redis refused one call: this member goes
-            print(f"chat.py: closing a socket, Redis said: {error!r}", file=sys.stderr)
+            print(f"chat.py: closing a socket, Redis said: {error}", file=sys.stderr)
             why = "Redis refused a call"
             with contextlib.suppress(Exception):
-                await self.close(code=1011, reason="server error")
+                await self.close(code=CLOSE_REFUSED, reason="server error")
         finally:
             with contextlib.suppress(*STORE_ERRORS):
                 await self.leave_room(why)
@@ -1076,7 +1281,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         open_sockets.add(self)
         await enter_hub(self)
         await self.send_history(since, epoch)
-        presence = await rooms().join(self.room_name, self.member_id, self.user)
+        self.user, presence = await rooms().join(
+            self.room_name, self.member_id, self.user
+        )
         last_id = self.next_id - 1
         welcome = welcome_frame(
             self.room_name, self.user, presence, self.epoch, last_id
@@ -1094,9 +1301,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def send_history(self, since: int, epoch: str) -> None:
         """Replay what the member missed, then expect the message after it."""
         self.epoch, last_id, missed = await rooms().recent(self.room_name, since, epoch)
-        for frame in missed:
-            await self.send_json(frame)
-        self.next_id = max([last_id] + [frame["id"] for frame in missed]) + 1
+        for event in missed:
+            await self.send(text_data=event["text"])
+        self.next_id = max([last_id] + [event["id"] for event in missed]) + 1
 
     async def disconnect(self, close_code):
         await self.leave_room(CLOSE_REASONS.get(close_code, f"code {close_code}"))
@@ -1109,7 +1316,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             open_sockets.discard(self)
             leave_address(self.address)
             leave_hub(room, self)
-            await rooms().leave(room, self.member_id)
+            await rooms().leave(room, self.member_id, self.user)
             announce(room, "leave", self.user)
 
     # Frames from the browser: anything malformed is answered, never relayed.
@@ -1163,9 +1370,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if time.monotonic() - self.last_rename < RENAME_INTERVAL:
             raise Refused(f"one new name every {RENAME_INTERVAL} seconds")
         self.last_rename = time.monotonic()
-        old, self.user = self.user, clean_name(content["name"])
-        if self.user != old:
-            presence = await rooms().rename(self.room_name, self.member_id, self.user)
+        old, new = self.user, clean_name(content["name"])
+        if new != old:
+            self.user, presence = await rooms().rename(
+                self.room_name, self.member_id, old, new
+            )
+        if self.user != old:  # (not when "ana (2)" asks to be "ana" again)
             event = frame_event(rename_frame(old, self.user, presence))
             await get_channel_layer().group_send(self.room_group_name, event)
 
@@ -1265,7 +1475,7 @@ class RoomHub:
         the rest from the history."""
         if self.task and last_id >= self.next_id:
             for missed in await rooms().between(self.room, last_id, last_id):
-                await get_channel_layer().send(self.channel, message_event(missed))
+                await get_channel_layer().send(self.channel, missed)
 
     async def in_order(self, event: dict) -> list[dict]:
         if event["type"] != "chat.message":
@@ -1276,7 +1486,7 @@ class RoomHub:
             return []  # already handed out
         if event["id"] > self.next_id and not self.waiting:
             for missed in await rooms().between(self.room, self.next_id, event["id"]):
-                self.waiting[missed["id"]] = message_event(missed)
+                self.waiting[missed["id"]] = missed
         self.waiting[event["id"]] = event
         if self.next_id not in self.waiting and len(self.waiting) > HISTORY_SIZE:
             self.next_id = min(self.waiting)  # the layer lost it; pages will notice

@@ -361,6 +361,7 @@ MALFORMED = [
     ("text", '{"message": "nul \\u0000 inside"}'),
     ("text", '{"message": "lone \\ud800 surrogate"}'),
     ("text", json.dumps({"message": "x" * (chat.MAX_MESSAGE + 1)})),
+    ("text", json.dumps({"message": "\U0001f600" * (chat.MAX_MESSAGE_BYTES // 4 + 1)})),
     ("text", "[" * 100_000),
     ("bytes", b"\x00\x01binary"),
 ]
@@ -385,7 +386,10 @@ async def test_malformed_frame_gets_error_and_socket_still_works(
 
 
 @asyncio_test
-@pytest.mark.parametrize("room", ["a%20b", "x" * 101, "semi;colon", "dot.dot"])
+@pytest.mark.parametrize(
+    "room",
+    ["a%20b", "x" * 101, "semi;colon", "dot.dot", "\u3164", "a\u0301\u0302\u0303"],
+)
 async def test_invalid_room_name_refuses_the_handshake(fresh_layer, room):
     connected, _ = await communicator(room).connect()
     assert not connected
@@ -464,12 +468,47 @@ async def test_messages_carry_consecutive_ids_user_and_time(fresh_layer):
         ("a\u0000n\u200ea\tb", "ana b"),
         ("x" * 100, "x" * chat.MAX_NAME),
         ("Зоя 東", "Зоя 東"),
+        ("Zalgo" + "\u0336\u0337\u0338" * 9, "Zalgo\u0336\u0337"),  # 2 marks at most
+        ("e\u0301", "\u00e9"),  # one way to write é
     ],
 )
 async def test_nicknames_are_trimmed_cleaned_and_limited(fresh_layer, raw, expected):
     member = await joined("names", name=raw)
     assert member.welcome["user"] == expected
     await member.disconnect()
+
+
+@asyncio_test
+@pytest.mark.parametrize(
+    "raw", ["\u3164", "\u200b\u200d", "\u115f \uffa0", "\u0301" * 3]
+)
+async def test_a_name_that_shows_nothing_becomes_a_guest(fresh_layer, raw):
+    member = await joined("names", name=raw)
+    assert re.fullmatch(r"guest-\d{4}", member.welcome["user"])
+    await member.disconnect()
+
+
+@asyncio_test
+async def test_two_members_never_show_the_same_name(fresh_layer):
+    ana = await joined("same-name", name="ana")
+    second = await joined("same-name", name="ana")
+    third = await joined("same-name", name="ana")
+    assert [m.welcome["user"] for m in (ana, second, third)] == [
+        "ana",
+        "ana (2)",
+        "ana (3)",
+    ]
+    assert sorted(third.welcome["members"]) == ["ana", "ana (2)", "ana (3)"]
+    await second.disconnect()
+    bob = await joined("same-name", name="bob")
+    await bob.send_json_to({"type": "rename", "name": "ana"})
+    renamed = await next_json(ana, "rename")
+    assert (renamed["old"], renamed["user"]) == ("bob", "ana (2)")
+    await ana.disconnect()
+    again = await joined("same-name", name="ana")
+    assert again.welcome["user"] == "ana"
+    for member in (third, bob, again):
+        await member.disconnect()
 
 
 @asyncio_test
@@ -510,10 +549,12 @@ async def test_reconnect_with_since_gets_exactly_the_missed_messages(fresh_layer
     bob = await joined("resume", name="bob", since=2, epoch=epoch)
     assert [f["message"] for f in bob.history] == ["c", "d", "e"]
     assert bob.welcome["epoch"] == epoch and bob.welcome["last_id"] == 5
+    cy = await joined("resume", name="cy", since=3)  # the tutorial's client: no epoch
+    assert [f["message"] for f in cy.history] == ["d", "e"]
     await ana.send_json_to({"message": "f"})
     assert (await next_json(bob))["id"] == 6
-    await ana.disconnect()
-    await bob.disconnect()
+    for member in (ana, bob, cy):
+        await member.disconnect()
 
 
 @asyncio_test
@@ -549,7 +590,7 @@ async def test_a_reader_far_behind_waits_for_the_overtaken_message(fresh_layer):
     ana = await joined("far-behind", name="ana")
     first = await chat.rooms().post("far-behind", chat.chat_frame("zed", "first"))
     second = await chat.rooms().post("far-behind", chat.chat_frame("zed", "second"))
-    chat.rooms().rooms["far-behind"].history.clear()  # as if trimmed long ago
+    chat.rooms().room("far-behind").history.clear()  # as if trimmed long ago
     group = chat.group_name("far-behind")
     await fresh_layer.group_send(group, chat.message_event(second))
     assert await no_message_within(ana), "sent before the message it overtook"
@@ -560,6 +601,41 @@ async def test_a_reader_far_behind_waits_for_the_overtaken_message(fresh_layer):
 
 
 @asyncio_test
+async def test_rooms_keep_to_their_budget_the_least_recently_used_go_first(
+    fresh_layer, monkeypatch
+):
+    """Past ROOMS_BUDGET (counted in UTF-8 bytes), rooms without members are
+    forgotten, least recently used first; a room with members keeps its history."""
+    monkeypatch.setattr(chat, "ROOMS_BUDGET", 400_000)
+    store = chat.rooms()
+    ana = await joined("lived-in", name="ana")
+    for n in range(chat.HISTORY_SIZE):
+        await ana.send_json_to({"message": f"kept {n}"})
+        await next_json(ana)
+    emoji = "\U0001f600" * (chat.MAX_MESSAGE_BYTES // 4)  # 4,000 bytes, 1,000 chars
+    forgotten = []  # in the order they went
+    for room in range(60):
+        for _ in range(10):
+            await store.post(f"flood-{room}", chat.chat_frame("zed", emoji))
+        if room == 5:
+            await store.position("flood-0")  # used again: it goes to the back
+        kept = {**store.occupied, **store.unoccupied}
+        forgotten += [
+            f"flood-{r}"
+            for r in range(room)
+            if f"flood-{r}" not in kept and f"flood-{r}" not in forgotten
+        ]
+        assert store.size == sum(room.size for room in kept.values())
+        assert store.size <= chat.ROOMS_BUDGET
+    assert store.size > chat.ROOMS_BUDGET - 50_000
+    assert forgotten[:7] == [f"flood-{r}" for r in (1, 2, 3, 4, 5, 0, 6)]
+    bob = await joined("lived-in", name="bob")
+    assert len(bob.history) == chat.HISTORY_SIZE  # the room with members kept it all
+    for member in (ana, bob):
+        await member.disconnect()
+
+
+@asyncio_test
 async def test_idle_rooms_are_forgotten_in_memory(fresh_layer, monkeypatch):
     ana = await joined("idle", name="ana")
     await ana.send_json_to({"message": "soon forgotten"})
@@ -567,7 +643,7 @@ async def test_idle_rooms_are_forgotten_in_memory(fresh_layer, monkeypatch):
     await ana.disconnect()
     monkeypatch.setattr(chat, "ROOM_IDLE", 0)
     assert "idle" not in dict(await chat.rooms().active())
-    assert "idle" not in chat.rooms().rooms
+    assert "idle" not in {**chat.rooms().occupied, **chat.rooms().unoccupied}
     bob = await joined("idle", name="bob", since=old["id"], epoch=old["epoch"])
     assert bob.history == [] and bob.welcome["epoch"] != old["epoch"]
     await bob.disconnect()
@@ -595,7 +671,7 @@ async def test_a_message_is_encoded_once_for_all_members(fresh_layer, monkeypatc
     messages = [
         e for e in encodes if isinstance(e, dict) and e.get("type") == "message"
     ]
-    assert len(messages) == 1, encodes
+    assert len(messages) == 2, encodes  # to keep in history, and for every member
     for member in members:
         await member.disconnect()
 
@@ -811,6 +887,8 @@ async def test_room_page_for_any_script(room):
         "/chat/a/b/",
         "/chat/%3Cb%3E/",
         "/nope",
+        "/chat/%E3%85%A4/",  # U+3164, a letter that draws nothing
+        "/chat/Z" + "%CC%B6" * 20 + "/",  # a stack of marks
     ],
 )
 async def test_bad_room_names_and_unknown_paths_are_plain_404s(path):
@@ -1425,6 +1503,44 @@ def test_presence_history_ids_and_lobby_are_shared_across_processes(two_servers)
             assert [f["id"] for f in history] == [1, 2]
 
 
+@asyncio_test
+async def test_rooms_in_redis_keep_to_the_same_budget(redis_server, monkeypatch):
+    import redis
+
+    monkeypatch.setattr(chat, "ROOMS_BUDGET", 400_000)
+    client = redis.Redis.from_url(redis_server, decode_responses=True)
+    client.flushdb()
+    store = chat.RedisRooms(redis_server)
+    nickname, _ = await store.join("lived-in", "m1", "ana")
+    for n in range(chat.HISTORY_SIZE):
+        await store.post("lived-in", chat.chat_frame("ana", f"kept {n}"))
+    emoji = "\U0001f600" * (chat.MAX_MESSAGE_BYTES // 4)
+    for room in range(60):
+        for _ in range(10):
+            await store.post(f"flood-{room}", chat.chat_frame("zed", emoji))
+        sizes = client.hgetall("chat:sizes")
+        assert int(client.get("chat:bytes")) == sum(map(int, sizes.values()))
+        assert int(client.get("chat:bytes")) <= chat.ROOMS_BUDGET
+    assert int(client.get("chat:bytes")) > chat.ROOMS_BUDGET - 50_000
+    history = store.keys("flood-0")[1]
+    assert not client.exists(history) and client.exists(store.keys("flood-59")[1])
+    assert len(await store.between("lived-in", 1, 1000)) == chat.HISTORY_SIZE
+    await store.leave("lived-in", "m1", nickname)
+    if store.keeper:
+        store.keeper.cancel()
+    await store.redis.aclose()
+
+
+def test_two_processes_never_show_the_same_name(two_servers):
+    one, two = two_servers
+    with (
+        one.websocket("same-name", name="ana") as ana,
+        two.websocket("same-name", name="ana") as other,
+    ):
+        assert next_frame(ana, "welcome")["user"] == "ana"
+        assert next_frame(other, "welcome")["user"] == "ana (2)"
+
+
 def test_redis_keys_of_a_room_expire(two_servers, redis_server):
     import redis
 
@@ -1691,6 +1807,32 @@ def test_renamers_and_reconnects_on_redis_close_no_room(redis_server):
     assert "Traceback" not in server.text, server.text
 
 
+def test_a_redis_error_that_is_no_outage_stays_with_its_member(redis_server):
+    """Redis refusing one call (here a key of the wrong type) is no outage: one
+    line with its cause, that member is closed (4500), and other rooms go on."""
+    import redis
+
+    server = ChatServer("--redis", redis_server, "--rate-limit", "0")
+    members_key = chat.RedisRooms.prefix("broken") + ":members"
+    redis.Redis.from_url(redis_server).set(members_key, "not a sorted set")
+    try:
+        with server.websocket("fine", name="ana") as ana:
+            next_frame(ana, "welcome")
+            with (
+                server.websocket("broken") as broken,
+                pytest.raises(ConnectionClosed) as closed,
+            ):
+                next_frame(broken, "welcome")
+            assert closed.value.rcvd.code == chat.CLOSE_REFUSED
+            post(ana, "still fine")
+            assert next_frame(ana)["message"] == "still fine"
+        wait_until(lambda: "Redis said: " in server.text)
+    finally:
+        server.stop()
+        redis.Redis.from_url(redis_server).delete(members_key)
+    assert "Redis failed" not in server.text and "Traceback" not in server.text
+
+
 def test_the_lobby_lists_busy_rooms_whatever_happened_since(redis_server):
     server = ChatServer("--redis", redis_server, "--rate-limit", "0")
     try:
@@ -1865,6 +2007,82 @@ def test_frames_are_utf8_json_not_escapes(live_server):
         raw = ws.recv(timeout=TIMEOUT)
     assert "\U0001f600 ana" in welcome and "\\u" not in welcome
     assert "café \U0001f600" in raw and "\\u" not in raw
+
+
+def redis_used_memory(url: str) -> int:
+    import redis
+
+    return redis.Redis.from_url(url).info("memory")["used_memory"]
+
+
+def test_a_room_flood_levels_off_within_the_budget(redis_server):
+    """A hostile client visits fresh rooms and fills each history with the biggest
+    messages allowed, from many connections at once, for two minutes, against an
+    in-memory server and one on Redis: what each keeps levels off within
+    ROOMS_BUDGET (the last minute grows < 16 MB), and an honest member in another
+    room loses nothing."""
+    flags = ("--rate-limit", "0", "--max-per-address", "0", "--quiet")
+    memory = ChatServer(*flags)
+    on_redis = ChatServer(*flags, "--redis", redis_server)
+    emoji = "\U0001f600" * (chat.MAX_MESSAGE_BYTES // 4)
+    seconds, rooms = 120, itertools.count()
+
+    async def flooder(server, until: float) -> None:
+        host = server.url.split("://", 1)[1]
+        while time.monotonic() < until:
+            uri = f"ws://{host}/ws/chat/flood-{next(rooms)}/"
+            async with asyncio_connect(uri, origin=server.url, max_queue=None) as ws:
+                for _ in range(chat.HISTORY_SIZE // 10):  # ten at a time
+                    for _ in range(10):
+                        await ws.send(json.dumps({"message": emoji}))
+                    await messages_of(ws, 10, timeout=60)
+
+    async def honest(server, until: float) -> list[int]:
+        host = server.url.split("://", 1)[1]
+        uri = f"ws://{host}/ws/chat/honest/?name=honest"
+        ids = []
+        async with asyncio_connect(uri, origin=server.url) as ws:
+            while time.monotonic() < until:
+                await ws.send(json.dumps({"message": "still here"}))
+                ids.append((await messages_of(ws, 1))[0]["id"])
+                await asyncio.sleep(0.5)
+        return ids
+
+    def measure() -> tuple[int, int]:
+        return rss_kib(memory.proc.pid) * 1024, redis_used_memory(redis_server)
+
+    async def scenario():
+        start = time.monotonic()
+        until = start + seconds
+        work = [
+            flooder(server, until) for server in (memory, on_redis) for _ in range(8)
+        ]
+        flooding = asyncio.gather(*work, honest(memory, until), honest(on_redis, until))
+        await asyncio.sleep(seconds / 2)
+        halfway = measure()
+        results = await flooding
+        return halfway, results[-2:]
+
+    try:
+        before = measure()
+        halfway, honest_ids = asyncio.run(scenario())
+        after = measure()
+    finally:
+        memory.stop()
+        on_redis.stop()
+    print(f"flood: before {before}, halfway {halfway}, after {after} bytes")
+    for ids in honest_ids:
+        assert ids == list(range(1, len(ids) + 1)) and len(ids) > seconds
+    assert next(rooms) > 100  # (rooms flooded, on both servers)
+    budget, slack = chat.ROOMS_BUDGET, 16 * 1024 * 1024
+    assert after[0] - halfway[0] < slack and after[1] - halfway[1] < slack
+    # What is counted, and what the allocators add to it: glibc's keeps the gaps
+    # between the messages kept (Python's own allocations grow by the budget, as
+    # tracemalloc shows), Redis's rounds each message up to its size classes.
+    assert after[0] - before[0] < 2 * budget + slack
+    assert after[1] - before[1] < 1.3 * budget + slack
+    for server in (memory, on_redis):
+        assert "Traceback" not in server.text, server.text
 
 
 # --- Load, churn and crowds (small versions; chatbench runs the big ones) ---
