@@ -1678,6 +1678,8 @@ class GuardedConnection(ProtocolWrapper):
         if self.websocket:
             self.wrappedProtocol.dataReceived(data)
             return
+        if self.disconnecting:
+            return  # refused: what follows is not read
         data, self.head = self.head + data, b""
         checked = 0  # data[:checked] may be read
         while checked < len(data) and not self.websocket:

@@ -2626,6 +2626,7 @@ def test_room_shows_names_members_status_and_local_time(live_server, browser):
     assert text_of(browser, "status").startswith("connected as ana")
     ana_window = browser.current_window_handle
     new_window(browser)
+    bob_window = browser.current_window_handle
     enter_room(browser, live_server.url, "names-room", name="bob")
     wait_in_browser(
         browser, lambda d: {"ana", "bob"} <= set(text_of(d, "members").split())
@@ -2649,9 +2650,16 @@ def test_room_shows_names_members_status_and_local_time(live_server, browser):
     wait_in_browser(
         browser, lambda d: text_of(d, "status").startswith("connected as anna")
     )
-    browser.switch_to.window(browser.window_handles[-1])
+    browser.switch_to.window(bob_window)
     wait_in_browser(browser, lambda d: "anna" in text_of(d, "members").split())
     assert "ana is now anna" in text_of(browser, "chat-log")
+    assert "ana" not in text_of(browser, "members").split()  # the old name went
+
+    browser.switch_to.window(ana_window)
+    browser.close()  # anna leaves the room
+    browser.switch_to.window(bob_window)
+    wait_in_browser(browser, lambda d: text_of(d, "members").split() == ["bob"])
+    assert text_of(browser, "member-count") == "1 online:"
 
 
 def test_typing_shows_in_the_room_but_not_in_the_transcript(live_server, browser):
