@@ -15,7 +15,9 @@
 A lobby at /chat/, rooms at /chat/<room>/, each room's WebSocket at /ws/chat/<room>/.
 It needs no database and no Redis: rooms live in Channels' in-memory layer. Give it a Redis
 URL (--redis URL or REDIS_URL) and any number of chat.py processes share the same rooms.
-`daphne chat:application` serves it too.
+`daphne chat:application` serves it too. Inside a Django project, `import chat`
+configures nothing: `include("chat")` and `chat.websocket_urlpatterns` mount it there
+(README, "Embed it"), and `chat.start()` runs one beside a program.
 """
 
 # Imports #####################################################################
@@ -25,6 +27,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import importlib.util
 import ipaddress
 import itertools
 import json
@@ -33,6 +36,7 @@ import os
 import secrets
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -60,8 +64,8 @@ from channels.security.websocket import WebsocketDenier
 from django.conf import settings
 from django.core.asgi import get_asgi_application
 from django.http import Http404, HttpResponse, JsonResponse
-from django.template import engines
-from django.urls import path, re_path
+from django.template import Context, Engine
+from django.urls import path, re_path, reverse
 from django.utils import autoreload
 from django.views.decorators.http import require_safe
 from django.views.generic import RedirectView
@@ -169,26 +173,51 @@ OUTAGES: tuple = (OSError,)  #: ...and those of its errors that mean it is unrea
 
 
 def use_redis(redis_url: str | None) -> None:
-    """Choose the channel layer and where rooms live: Redis with a URL, else memory.
-    redis-py is imported only then: an in-memory chat saves its 60 ms and 7 MB."""
-    global STORE_ERRORS, OUTAGES
+    """Choose the channel layer and where rooms live: Redis with a URL, else memory."""
     settings.CHAT_REDIS_URL = redis_url
     settings.CHANNEL_LAYERS = channel_layers(redis_url)
     if redis_url:
-        import redis
+        watch_redis()
 
-        STORE_ERRORS = (redis.RedisError, OSError)
-        OUTAGES = (redis.ConnectionError, redis.TimeoutError, OSError)
-        # Its receiver logs a traceback a second while Redis is down; the keeper
-        # (RedisRooms) reports the outage in one line and closes the rooms.
-        logging.getLogger("channels_redis.pubsub").addFilter(is_not_an_outage)
+
+def watch_redis() -> None:
+    """Rooms live in Redis: learn what its failures look like. (redis-py is imported
+    only then: an in-memory chat saves its 60 ms and 7 MB.)"""
+    global STORE_ERRORS, OUTAGES
+    import redis
+
+    STORE_ERRORS = (redis.RedisError, OSError)
+    OUTAGES = (redis.ConnectionError, redis.TimeoutError, OSError)
+    # Its receiver logs a traceback a second while Redis is down; the keeper
+    # (RedisRooms) reports the outage in one line and closes the rooms.
+    logging.getLogger("channels_redis.pubsub").addFilter(is_not_an_outage)
 
 
 def is_not_an_outage(record: logging.LogRecord) -> bool:
     return not (record.exc_info and isinstance(record.exc_info[1], OUTAGES))
 
 
-if not settings.configured:
+def knob(name: str, default):
+    """One of chat's own settings: CHAT_<name> where the settings give one (a host
+    project may), else chat's default."""
+    return getattr(settings, f"CHAT_{name}", default)
+
+
+def has_a_host() -> bool:
+    """Is chat inside a Django project? Then its settings rule: they are configured
+    already, or DJANGO_SETTINGS_MODULE names a module that can be imported."""
+    module = os.environ.get("DJANGO_SETTINGS_MODULE")
+    if settings.configured or not module:
+        return settings.configured
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def configure_alone() -> None:
+    """Chat on its own (python chat.py, daphne chat:application): Django configured
+    in code, with no database. `import chat` alone configures nothing."""
     settings.configure(
         DEBUG=False,
         # A fresh key per start is fine: nothing signed outlives the process.
@@ -204,12 +233,14 @@ if not settings.configured:
             "django.middleware.clickjacking.XFrameOptionsMiddleware",
         ],
         TEMPLATES=[{"BACKEND": "django.template.backends.django.DjangoTemplates"}],
-        CHAT_RATE_LIMIT=RATE_LIMIT,
-        CHAT_MAX_PER_ADDRESS=MAX_PER_ADDRESS,
-        CHAT_QUIET=False,
     )
     use_redis(os.environ.get("REDIS_URL") or None)
     django.setup()
+    # On its own, the site's root leads to the lobby (a host keeps its own root).
+    root = RedirectView.as_view(
+        pattern_name="chat-lobby", http_method_names=["get", "head"]
+    )
+    urlpatterns.insert(0, path("", root))
 
 
 # Templates ###################################################################
@@ -269,7 +300,10 @@ LOBBY_PAGE = """<!DOCTYPE html>
   <h2>Active rooms</h2>
   <ul id="rooms" aria-live="polite"><li class="muted">none yet</li></ul>
 </main>
+{{ prefix|json_script:"prefix" }}
 <script>
+  // Where the chat lives: "/", or under a host project's prefix ("/demo/").
+  const prefix = JSON.parse(document.getElementById('prefix').textContent);
   const roomInput = document.querySelector('#room-name-input');
   const nameInput = document.querySelector('#name-input');
   nameInput.value = localStorage.getItem('chat-name') || '';
@@ -282,16 +316,16 @@ LOBBY_PAGE = """<!DOCTYPE html>
   document.querySelector('#room-name-submit').onclick = function () {
     localStorage.setItem('chat-name', nameInput.value.trim());
     const roomName = roomInput.value.trim();
-    if (roomName) window.location.pathname = '/chat/' + encodeURIComponent(roomName) + '/';
+    if (roomName) window.location.pathname = prefix + 'chat/' + encodeURIComponent(roomName) + '/';
   };
 
   // The active rooms, refreshed every few seconds.
   async function showRooms() {
     try {
-      const rooms = (await (await fetch('/chat/rooms.json')).json()).rooms;
+      const rooms = (await (await fetch(prefix + 'chat/rooms.json')).json()).rooms;
       const items = rooms.map(function (room) {
         const link = document.createElement('a');
-        link.href = '/chat/' + encodeURIComponent(room.name) + '/';
+        link.href = prefix + 'chat/' + encodeURIComponent(room.name) + '/';
         link.textContent = room.name;
         const item = document.createElement('li');
         item.append(link, ' — ' + room.count + ' online');
@@ -325,7 +359,7 @@ ROOM_PAGE = """<!DOCTYPE html>
   <header>
     <h1>{{ room_name }}</h1>
     <div id="status" role="status">connecting…</div>
-    <a href="/chat/" class="muted">all rooms</a>
+    <a href="{{ prefix }}chat/" class="muted">all rooms</a>
   </header>
   <div class="row">
     <label for="name-input">Your name</label>
@@ -346,8 +380,10 @@ ROOM_PAGE = """<!DOCTYPE html>
   </div>
 </main>
 {{ room_name|json_script:"room-name" }}
+{{ prefix|json_script:"prefix" }}
 <script>
   const roomName = JSON.parse(document.getElementById('room-name').textContent);
+  const prefix = JSON.parse(document.getElementById('prefix').textContent);
   const log = document.querySelector('#chat-log');
   const status = document.querySelector('#status');
   const messageInput = document.querySelector('#chat-message-input');
@@ -440,7 +476,7 @@ ROOM_PAGE = """<!DOCTYPE html>
     if (name) query.set('name', name);
     chatSocket = new WebSocket(
       (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host +
-      '/ws/chat/' + encodeURIComponent(roomName) + '/?' + query
+      prefix + 'ws/chat/' + encodeURIComponent(roomName) + '/?' + query
     );
     chatSocket.onmessage = function (e) {
       const frame = JSON.parse(e.data);
@@ -486,8 +522,21 @@ ROOM_PAGE = """<!DOCTYPE html>
 </html>
 """
 
-lobby_template = engines["django"].from_string(LOBBY_PAGE)
-room_template = engines["django"].from_string(ROOM_PAGE)
+
+@functools.cache
+def template(source: str):
+    """A page, compiled when first served, by a Django template engine of its own
+    (whatever templates a host project has)."""
+    return Engine().from_string(source)
+
+
+def page(request, source: str, **context) -> HttpResponse:
+    """A page of the chat, with the prefix its links and sockets start with: "/",
+    or where a host project mounted the chat ("/demo/")."""
+    prefix = reverse("chat-lobby").removesuffix("chat/")
+    context = Context({"style": STYLE, "prefix": prefix, **context})
+    return HttpResponse(template(source).render(context))
+
 
 # Rooms: names, history and presence ##########################################
 
@@ -717,6 +766,12 @@ class RedisRooms:
     # the least recently used rooms without members go first (and those unused for
     # ROOM_IDLE, whose keys expired), a few at a time.
     BUDGET = """
+        local function started(room, epoch, room_bytes)  -- counted once, at its start
+            if redis.call('HSETNX', room, 'epoch', epoch) == 1 then
+                return tonumber(room_bytes)
+            end
+            return 0
+        end
         local function count(prefix, bytes, now, budget, idle)
             redis.call('ZADD', 'chat:used', now, prefix)
             redis.call('HINCRBY', 'chat:sizes', prefix, bytes)
@@ -745,10 +800,7 @@ class RedisRooms:
     POST = (
         BUDGET
         + """
-        local bytes = 0
-        if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[2]) == 1 then
-            bytes = tonumber(ARGV[6])
-        end
+        local bytes = started(KEYS[1], ARGV[2], ARGV[6])
         local frame = cjson.decode(ARGV[1])
         frame['id'] = redis.call('HINCRBY', KEYS[1], 'last_id', 1)
         frame['epoch'] = redis.call('HGET', KEYS[1], 'epoch')
@@ -772,10 +824,7 @@ class RedisRooms:
     POSITION = (
         BUDGET
         + """
-        local bytes = 0
-        if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1]) == 1 then
-            bytes = tonumber(ARGV[4])
-        end
+        local bytes = started(KEYS[1], ARGV[1], ARGV[4])
         count(ARGV[3], bytes, tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[2])
         redis.call('EXPIRE', KEYS[1], ARGV[2])
         redis.call('EXPIRE', KEYS[2], ARGV[2])
@@ -955,7 +1004,9 @@ class RedisRooms:
 @functools.cache
 def rooms() -> MemoryRooms | RedisRooms:
     """This process's rooms: in Redis when the chat has a Redis URL, else in memory."""
-    url = settings.CHAT_REDIS_URL
+    url = knob("REDIS_URL", None)
+    if url:
+        watch_redis()
     return RedisRooms(url) if url else MemoryRooms()
 
 
@@ -1019,13 +1070,13 @@ async def send_news(room: str, news: dict[str, list[str]]) -> None:
 
 @require_safe
 def lobby(request):
-    context = {
-        "style": STYLE,
-        "max_room": MAX_ROOM_NAME,
-        "max_name": MAX_NAME,
-        "lobby_refresh_ms": LOBBY_REFRESH * 1000,
-    }
-    return HttpResponse(lobby_template.render(context))
+    return page(
+        request,
+        LOBBY_PAGE,
+        max_room=MAX_ROOM_NAME,
+        max_name=MAX_NAME,
+        lobby_refresh_ms=LOBBY_REFRESH * 1000,
+    )
 
 
 @require_safe
@@ -1043,39 +1094,39 @@ async def active_rooms(request):
 def room(request, room_name: str):
     if not is_valid_room(room_name):
         raise Http404("No such room")
-    context = {
-        "style": STYLE,
-        "room_name": room_name,
-        "max_message": MAX_MESSAGE,
-        "max_name": MAX_NAME,
-        "typing_interval_ms": TYPING_INTERVAL * 1000,
-    }
-    return HttpResponse(room_template.render(context))
+    return page(
+        request,
+        ROOM_PAGE,
+        room_name=room_name,
+        max_message=MAX_MESSAGE,
+        max_name=MAX_NAME,
+        typing_interval_ms=TYPING_INTERVAL * 1000,
+    )
 
 
 @require_safe
 async def healthz(request):
     """200 while the channel layer works, 503 when its Redis is unreachable."""
-    reachable = True
-    if settings.CHAT_REDIS_URL:
+    reachable, redis_url = True, knob("REDIS_URL", None)
+    if redis_url:
         try:
             reachable = await asyncio.wait_for(rooms().redis.ping(), timeout=2)
         except (asyncio.TimeoutError, *STORE_ERRORS):
             reachable = False
     body = {
         "status": "ok" if reachable else "unavailable",
-        "layer": "redis" if settings.CHAT_REDIS_URL else "memory",
+        "layer": "redis" if redis_url else "memory",
         "pid": os.getpid(),
     }
     return JsonResponse(body, status=200 if reachable else 503)
 
 
+# What include("chat") gives a host project, at its root or under a prefix.
 urlpatterns = [
-    path("", RedirectView.as_view(url="/chat/", http_method_names=["get", "head"])),
-    path("chat/", lobby),
-    path("chat/rooms.json", active_rooms),
-    path("chat/<str:room_name>/", room),
-    path("healthz", healthz),
+    path("chat/", lobby, name="chat-lobby"),
+    path("chat/rooms.json", active_rooms, name="chat-rooms"),
+    path("chat/<str:room_name>/", room, name="chat-room"),
+    path("healthz", healthz, name="chat-healthz"),
 ]
 
 # The consumer ################################################################
@@ -1088,7 +1139,7 @@ def now() -> str:
 def log(message: str) -> None:
     """One line in the server's log per arrival, departure or refusal (--quiet:
     none). Problems go to stderr whatever the flag."""
-    if not settings.CHAT_QUIET:
+    if not knob("QUIET", False):
         print(f"chat.py: {time.strftime('%H:%M:%S')} {message}", flush=True)
 
 
@@ -1262,7 +1313,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         self.address = (self.scope.get("client") or ["?"])[0]
         if not room_for_one_more(self.address):
-            cap = settings.CHAT_MAX_PER_ADDRESS
+            cap = knob("MAX_PER_ADDRESS", MAX_PER_ADDRESS)
             log(f"refused {client_of(self.scope)}: {cap} sockets from there already")
             await self.accept()  # (so that it can be told why; Daphne sends no reason)
             await self.send_json(error_frame(f"at most {cap} connections per address"))
@@ -1274,7 +1325,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.user = clean_name(name)
         self.member_id = secrets.token_hex(8)  # tells apart members of the same name
         self.last_typing = self.last_rename = 0.0
-        self.rate_limit = RateLimit(settings.CHAT_RATE_LIMIT)
+        self.rate_limit = RateLimit(knob("RATE_LIMIT", RATE_LIMIT))
         self.address_rate = rate_of_address(self.address)  # shared by its sockets
         self.backlog: list[dict] | None = []  # what arrives while history is replayed
         await self.accept()
@@ -1322,7 +1373,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     # Frames from the browser: anything malformed is answered, never relayed.
     async def receive(self, text_data=None, bytes_data=None):
         if not (self.rate_limit.allows() and self.address_rate.allows()):
-            limit = settings.CHAT_RATE_LIMIT
+            limit = knob("RATE_LIMIT", RATE_LIMIT)
             await self.send_json(error_frame(f"slow down: at most {limit:g} a second"))
             return
         if text_data is None:
@@ -1541,14 +1592,14 @@ address_rates: dict[str, RateLimit] = {}
 
 
 def room_for_one_more(address: str) -> bool:
-    cap = settings.CHAT_MAX_PER_ADDRESS
+    cap = knob("MAX_PER_ADDRESS", MAX_PER_ADDRESS)
     return not cap or sockets_per_address[address] < cap
 
 
 def rate_of_address(address: str) -> RateLimit:
     rate = address_rates.get(address)
     if not rate:
-        rate = address_rates[address] = RateLimit(settings.CHAT_RATE_LIMIT)
+        rate = address_rates[address] = RateLimit(knob("RATE_LIMIT", RATE_LIMIT))
     return rate
 
 
@@ -1571,10 +1622,9 @@ def forget_address(address: str) -> None:
 
 # Routing and application #####################################################
 
+# What a host project's URLRouter mounts, at its root or under a prefix.
 websocket_urlpatterns = [
     re_path(r"^ws/chat/(?P<room_name>[^/]+)/$", ChatConsumer.as_asgi()),
-    # Any other path reaches the consumer without a room, and is refused there.
-    re_path(r"", ChatConsumer.as_asgi()),
 ]
 
 
@@ -1595,8 +1645,8 @@ def is_own_host(host: str) -> bool:
     try:
         address = ipaddress.ip_address(name)
     except ValueError:
-        return name in settings.CHAT_HOSTS
-    return address.is_loopback or name in settings.CHAT_HOSTS
+        return name in knob("HOSTS", ())
+    return address.is_loopback or name in knob("HOSTS", ())
 
 
 class HostCheck:
@@ -1636,12 +1686,29 @@ async def refuse_http(send, status: int, body: bytes) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-application = ProtocolTypeRouter(
-    {
-        "http": HostCheck(get_asgi_application()),
-        "websocket": HostCheck(URLRouter(websocket_urlpatterns)),
-    }
-)
+@functools.cache
+def whole_chat() -> ProtocolTypeRouter:
+    """`chat.application`: the pages and the sockets, for Daphne or any ASGI server.
+    (Alone, any other socket path reaches the consumer without a room, and is
+    refused there, with a line in the log.)"""
+    if not has_a_host():
+        configure_alone()
+    sockets = [*websocket_urlpatterns, re_path(r"", ChatConsumer.as_asgi())]
+    return ProtocolTypeRouter(
+        {
+            "http": HostCheck(get_asgi_application()),
+            "websocket": HostCheck(URLRouter(sockets)),
+        }
+    )
+
+
+def __getattr__(name: str):
+    """`chat.application` is made when first asked for (`daphne chat:application`
+    asks), so that `import chat`, in a host project, configures nothing."""
+    if name == "application":
+        return whole_chat()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # The door: what a connection may make the server read #######################
 
@@ -1872,11 +1939,11 @@ def print_banner(host: str, port: int, workers: int = 1) -> None:
     hosts = machine_addresses() if wildcard else [f"[{host}]" if ":" in host else host]
     for shown in hosts:
         print(f"chat.py: open http://{shown}:{port}/chat/", flush=True)
-    redis_url = settings.CHAT_REDIS_URL
+    redis_url = knob("REDIS_URL", None)
     layer = f"Redis at {redis_url}" if redis_url else "in memory"
     processes = f", {workers} worker processes" if workers > 1 else ""
     print(f"chat.py: channel layer: {layer}{processes}. Ctrl-C stops.", flush=True)
-    rate, cap = settings.CHAT_RATE_LIMIT, settings.CHAT_MAX_PER_ADDRESS
+    rate, cap = knob("RATE_LIMIT", RATE_LIMIT), knob("MAX_PER_ADDRESS", MAX_PER_ADDRESS)
     print(
         f"chat.py: limits: {f'{rate:g} frames/s' if rate else 'no rate limit'}"
         f" per connection and address, {cap or 'any number of'} sockets an address,"
@@ -1911,8 +1978,17 @@ def open_file_limit() -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Exactly `python chat.py ...`: serve until stopped. (A program that goes on
+    while a chat runs beside it wants start().)"""
+    global main_ran
+    if main_ran or running_loop():
+        # Twisted's reactor runs once per process, and not inside another loop.
+        fail("main() runs once per process, outside any event loop: use chat.start()")
+    main_ran = True
     args = parse_args(argv)
     open_file_limit()  # (raised before workers or the reloader's server start)
+    if not settings.configured:
+        configure_alone()
     use_redis(args.redis)
     if args.workers > 1 and not args.redis:
         fail("--workers needs --redis: that is how the workers share rooms")
@@ -1953,7 +2029,7 @@ def serve(args: argparse.Namespace, shared: socket.socket | None = None) -> None
     # Behind a proxy every connection comes from the proxy: it limits them (README).
     per_address = 0 if args.proxy_headers else 2 * args.max_per_address
     server = guarded(Server, per_address)(
-        application,
+        whole_chat(),
         endpoints=[daphne_endpoint(sock, shared=shared is not None)],
         ready_callable=lambda: serving(server, args.host, port, not shared),
         websocket_max_message_size=MAX_FRAME,
@@ -2067,6 +2143,70 @@ def serving(server, host: str, port: int, banner: bool) -> None:
         signal.signal(signal.SIGTERM, on_signal)
     if banner:
         print_banner(host, port)
+
+
+# From a program: start() #####################################################
+
+main_ran = False  # (main() runs once per process)
+
+
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+class Running:
+    """A chat of its own, in a child process (Twisted's reactor runs once per
+    process): `url`, then `stop()`; or `with chat.start() as server:`."""
+
+    def __init__(self, flags: tuple[str, ...]) -> None:
+        command = [sys.executable, os.path.abspath(__file__), *flags]
+        if "--port" not in flags:
+            command += ["--port", "0"]
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.output: deque[str] = deque(maxlen=200)  # its last lines, as they come
+        urls = []
+        for line in self.process.stdout:
+            self.output.append(line)
+            if line.startswith("chat.py: open "):
+                urls.append(line.split()[-1].removesuffix("/chat/"))
+            if line.startswith("chat.py: room for"):  # the banner's last line
+                break
+        if not urls:
+            self.process.wait()
+            raise RuntimeError("".join(self.output).strip() or "chat.py did not start")
+        loopback = [url for url in urls if "//127." in url or "//[::1]" in url]
+        self.url = (loopback or urls)[0]
+        lines = [self.process.stdout]
+        reader = threading.Thread(target=self.output.extend, args=lines, daemon=True)
+        reader.start()  # (a child whose output nobody reads would stop at a full pipe)
+
+    def stop(self, timeout: float = 10) -> int:
+        """Stop it as Ctrl-C does (every socket gets 1001); its exit status."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.stop()
+
+
+def start(*flags: str) -> Running:
+    """A chat that serves as soon as this returns, at `.url` (a free port unless
+    --port is among the flags), until `.stop()`: for tests, notebooks, programs."""
+    return Running(flags)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from websockets.sync.client import connect
 
 import chat
 
+APPLICATION = chat.application  # chat configures itself when asked, as under Daphne
 HERE = Path(__file__).resolve().parent
 TIMEOUT = 10  # seconds any single expected event may take before a test fails
 
@@ -292,8 +293,8 @@ async def fresh_layer(monkeypatch):
     chat.hubs.clear()
     chat.rooms.cache_clear()
     chat.address_rates.clear()
-    monkeypatch.setattr(chat.settings, "CHAT_RATE_LIMIT", 0)
-    monkeypatch.setattr(chat.settings, "CHAT_MAX_PER_ADDRESS", 0)
+    monkeypatch.setattr(chat.settings, "CHAT_RATE_LIMIT", 0, raising=False)
+    monkeypatch.setattr(chat.settings, "CHAT_MAX_PER_ADDRESS", 0, raising=False)
     yield layer
     await layer.flush()
 
@@ -424,7 +425,7 @@ async def test_a_thousand_garbage_frames_in_a_row_leave_the_socket_usable(fresh_
 
 @asyncio_test
 async def test_a_flood_past_the_rate_limit_gets_error_frames(fresh_layer, monkeypatch):
-    monkeypatch.setattr(chat.settings, "CHAT_RATE_LIMIT", 3)
+    monkeypatch.setattr(chat.settings, "CHAT_RATE_LIMIT", 3, raising=False)
     flooder, other = await joined("flood"), await joined("flood")
     for n in range(10):
         await flooder.send_json_to({"message": f"flood {n}"})
@@ -965,7 +966,7 @@ def run_python(*args: str, check: bool = False, env: dict | None = None):
 
 
 def secret_key(env: dict) -> str:
-    code = "import chat; print(chat.settings.SECRET_KEY)"
+    code = "import chat; chat.application; print(chat.settings.SECRET_KEY)"
     return run_python("-c", code, check=True, env=env).stdout.strip()
 
 
@@ -1110,16 +1111,20 @@ def test_real_server_refuses_bad_websocket_paths_without_a_traceback(live_server
     assert refused.value.response.status_code == 403  # its log is checked at the end
 
 
-def test_resume_after_a_drop_gets_exactly_the_missed_messages(live_server):
-    with live_server.websocket("resume-real", name="ana") as ana:
-        with live_server.websocket("resume-real", name="bob") as bob:
+@pytest.mark.parametrize("with_epoch", [True, False], ids=["epoch", "no-epoch"])
+def test_resume_after_a_drop_gets_exactly_the_missed_messages(live_server, with_epoch):
+    room = f"resume-real-{with_epoch}"
+    with live_server.websocket(room, name="ana") as ana:
+        with live_server.websocket(room, name="bob") as bob:
             post(ana, "before the drop")
             seen = next_frame(bob)
         for text in ("m1", "m2", "m3"):
             post(ana, text)
         frames_until(ana, lambda f: f.get("message") == "m3")
-        query = {"name": "bob", "since": seen["id"], "epoch": seen["epoch"]}
-        with live_server.websocket("resume-real", **query) as bob:
+        query = {"name": "bob", "since": seen["id"]}
+        if with_epoch:  # (the tutorial's client knows no epoch)
+            query["epoch"] = seen["epoch"]
+        with live_server.websocket(room, **query) as bob:
             replay = frames_until(bob, lambda f: f["type"] == "welcome")
             missed = [f for f in replay if f["type"] == "message"]
             assert [f["message"] for f in missed] == ["m1", "m2", "m3"]
@@ -2450,6 +2455,233 @@ def test_hundreds_leaving_redis_at_once_leave_no_membership_behind(redis_server)
     finally:
         server.stop()
     assert "Traceback" not in server.text and "MaxConnections" not in server.text
+
+
+# --- Embedded: in a host project, under a prefix, and from a program ---
+
+
+def test_import_chat_configures_nothing():
+    code = "import chat; from django.conf import settings; print(settings.configured)"
+    assert run_python("-c", code, check=True).stdout.strip() == "False"
+
+
+def readme_block(first_line: str) -> str:
+    """The README's Python block that starts with this comment line, as written."""
+    blocks = re.findall(r"```python\n(.*?)```", README, re.DOTALL)
+    return next(block for block in blocks if block.startswith(first_line + "\n"))
+
+
+HOST_SETTINGS = """\
+# What a project like the Channels tutorial's has before the chat comes.
+SECRET_KEY = "the host's own key"
+DEBUG = False
+ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
+INSTALLED_APPS = ["daphne", "django.contrib.staticfiles", "channels", "myapp"]
+ROOT_URLCONF = "mysite.urls"
+ASGI_APPLICATION = "mysite.asgi.application"
+CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+TEMPLATES = [{"BACKEND": "django.template.backends.django.DjangoTemplates"}]
+HOST_MARK = "the host's settings rule"
+"""
+
+HOST_APP = {
+    "myapp/__init__.py": "",
+    "myapp/urls.py": """\
+from django.conf import settings
+from django.http import HttpResponse
+from django.urls import path
+
+def home(request):
+    return HttpResponse(f"{settings.HOST_MARK} ({settings.ROOT_URLCONF})")
+
+urlpatterns = [path("home/", home)]
+""",
+    "myapp/routing.py": """\
+from channels.generic.websocket import WebsocketConsumer
+from django.urls import path
+
+class Echo(WebsocketConsumer):
+    def receive(self, text_data=None, bytes_data=None):
+        self.send(text_data="echo: " + text_data)
+
+websocket_urlpatterns = [path("ws/echo/", Echo.as_asgi())]
+""",
+}
+
+
+def host_project(folder: Path, prefix: str = "", extra_settings: str = "") -> Path:
+    """A project made of the README's snippets, as written, around its own app,
+    with chat.py beside manage.py."""
+    under = ", the chat under /demo/" if prefix else ""
+    files = {
+        **HOST_APP,
+        "manage.py": "import os, sys\n"
+        'os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.settings")\n'
+        "from django.core.management import execute_from_command_line\n"
+        "execute_from_command_line(sys.argv)\n",
+        "mysite/__init__.py": "",
+        "mysite/settings.py": HOST_SETTINGS
+        + readme_block("# mysite/settings.py: add")
+        + extra_settings,
+        "mysite/urls.py": readme_block("# mysite/urls.py" + under),
+        "mysite/asgi.py": readme_block("# mysite/asgi.py" + under),
+    }
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    shutil.copy(HERE / "chat.py", folder / "chat.py")
+    return folder
+
+
+def manage(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        check=False,
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def serve_host(folder: Path, how: str) -> tuple[Process, str]:
+    """The host project served by `manage.py runserver` (Daphne's) or `daphne`."""
+    port = free_port()
+    args = {
+        "runserver": [sys.executable, "manage.py", "runserver", "--noreload"],
+        "daphne": [shutil.which("daphne") or "daphne", "-b", "127.0.0.1", "-p"],
+    }[how]
+    if how == "runserver":
+        args.append(f"127.0.0.1:{port}")
+    else:
+        args += [str(port), "mysite.asgi:application"]
+    server = Process(args, cwd=folder)
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: port_answers(port), what=f"{how} on port {port}")
+    return server, url
+
+
+@pytest.mark.parametrize("layer", ["memory", "redis"])
+@pytest.mark.parametrize("how", ["runserver", "daphne"])
+def test_the_chat_inside_a_host_project_from_the_readme(tmp_path, how, layer, request):
+    extra = ""
+    if layer == "redis":
+        extra = f"CHAT_REDIS_URL = {request.getfixturevalue('redis_server')!r}\n"
+    folder = host_project(tmp_path, extra_settings=extra)
+    checked = manage(folder, "check")
+    assert checked.returncode == 0, checked.stderr
+    (folder / "mysite/settings.py").write_text(
+        (folder / "mysite/settings.py").read_text() + 'INSTALLED_APPS.remove("chat")\n'
+    )
+    checked = manage(folder, "check")
+    assert checked.returncode == 0, checked.stderr
+
+    server, url = serve_host(folder, how)
+    try:
+        with urllib.request.urlopen(url + "/home/", timeout=TIMEOUT) as home:
+            assert home.read().decode() == "the host's settings rule (mysite.urls)"
+        for path in ("/chat/", "/chat/hosted/", "/chat/rooms.json"):
+            assert http_status(url + path) == 200, path
+        assert get_json(url + "/healthz")["layer"] == layer
+        with open_socket(url, "hosted", name="ana") as ana:
+            assert next_frame(ana, "welcome")["user"] == "ana"
+            post(ana, "hello, host")
+            assert next_frame(ana)["message"] == "hello, host"
+            rooms = get_json(url + "/chat/rooms.json")["rooms"]
+            assert {"name": "hosted", "count": 1} in rooms
+        with connect(url.replace("http", "ws") + "/ws/echo/", origin=url) as echo:
+            echo.send("hi")
+            assert echo.recv(timeout=TIMEOUT) == "echo: hi"
+        with pytest.raises(InvalidStatus):  # the host's ALLOWED_HOSTS rule
+            open_socket(url, "hosted", origin="http://evil.example")
+    finally:
+        server.stop()
+    assert "Traceback" not in server.text, server.text
+
+
+def test_the_chat_under_a_prefix_in_the_browser(tmp_path, browser):
+    folder = host_project(tmp_path, prefix="demo/")
+    server, url = serve_host(folder, "daphne")
+    try:
+        assert http_status(url + "/chat/") == 404  # only under the prefix
+        browser.get(url + "/demo/chat/")
+        room_input = browser.find_element(By.ID, "room-name-input")
+        room_input.send_keys("prefixed", Keys.ENTER)
+        wait_in_browser(
+            browser, lambda d: d.current_url == url + "/demo/chat/prefixed/"
+        )
+        wait_in_browser(browser, lambda d: text_of(d, "status").startswith("connected"))
+        say(browser, "under the prefix")
+        wait_in_browser(
+            browser,
+            lambda d: "under the prefix" in text_of(d, "chat-log"),
+            what="message",
+        )
+        link = browser.find_element(By.LINK_TEXT, "all rooms").get_attribute("href")
+        assert link == url + "/demo/chat/"
+        browser.get(url + "/demo/chat/")
+        wait_in_browser(
+            browser,
+            lambda d: (
+                d.find_element(By.LINK_TEXT, "prefixed").get_attribute("href")
+                == url + "/demo/chat/prefixed/"
+            ),
+            what="the lobby's link under the prefix",
+        )
+    finally:
+        server.stop()
+    assert "Traceback" not in server.text, server.text
+
+
+def test_start_gives_fresh_servers_that_stop_with_1001(tmp_path):
+    async def inside_a_running_loop():  # as in a notebook
+        return chat.start("--quiet")
+
+    servers = [chat.start(), chat.start("--rate-limit", "0")]
+    servers.append(asyncio.run(inside_a_running_loop()))
+    try:
+        assert len({server.url for server in servers}) == 3
+        for server in servers:
+            assert get_json(server.url + "/healthz")["pid"] == server.process.pid
+            with open_socket(server.url, "started") as ws:
+                next_frame(ws, "welcome")
+                assert server.stop() == 0
+                with pytest.raises(ConnectionClosed) as closed:
+                    next_frame(ws)
+            assert closed.value.rcvd.code == 1001
+            assert not port_answers(int(server.url.rsplit(":", 1)[1]))
+    finally:
+        for server in servers:
+            server.stop()
+    with chat.start() as server:
+        assert http_status(server.url + "/chat/") == 200
+    assert not port_answers(int(server.url.rsplit(":", 1)[1]))
+    with pytest.raises(RuntimeError, match="--nope"):
+        chat.start("--nope")
+
+
+def test_main_refuses_a_second_run_and_a_running_loop_in_one_line():
+    code = "import chat; chat.main(['--port', '0']); chat.main(['--port', '0'])"
+    twice = Process([sys.executable, "-c", code])
+    twice.wait_for_line("chat.py: room for")
+    twice.proc.send_signal(signal.SIGTERM)
+    assert twice.proc.wait(TIMEOUT) == 1
+    assert twice.text.count("chat.py: open") == 1
+    assert twice.text.strip().endswith("use chat.start()"), twice.text
+
+    code = (
+        "import asyncio, signal, chat\n"
+        "before = signal.getsignal(signal.SIGINT)\n"
+        "async def notebook():\n"
+        "    chat.main(['--port', '0'])\n"
+        "try:\n"
+        "    asyncio.run(notebook())\n"
+        "except SystemExit as stop:\n"
+        "    print('exit', stop.code, signal.getsignal(signal.SIGINT) is before)\n"
+    )
+    done = run_python("-c", code)
+    assert done.stdout == "exit 1 True\n" and "chat.py: open" not in done.stdout
+    assert done.stderr.count("\n") == 1 and "use chat.start()" in done.stderr
 
 
 # === Browser tests: the Channels tutorial's own, as it wrote them ===
