@@ -1907,6 +1907,29 @@ def test_max_per_address_caps_one_address_and_lets_another_in():
     assert "Traceback" not in server.text, server.text
 
 
+def test_behind_a_proxy_the_cap_counts_the_forwarded_address():
+    server = ChatServer(
+        "--max-per-address", "1", "--proxy-headers", "--rate-limit", "0"
+    )
+
+    def visitor(address: str):
+        host = server.url.split("://", 1)[1]
+        headers = {"X-Forwarded-For": address}
+        uri = f"ws://{host}/ws/chat/proxied/"
+        return connect(uri, origin=server.url, additional_headers=headers)
+
+    try:
+        with visitor("203.0.113.7") as first, visitor("203.0.113.8") as second:
+            next_frame(first, "welcome")
+            assert next_frame(second, "welcome")["count"] == 2  # two visitors
+            with visitor("203.0.113.7") as again, pytest.raises(ConnectionClosed):
+                assert next_frame(again, "error")["message"].startswith("at most 1")
+                next_frame(again, "welcome")
+    finally:
+        server.stop()
+    assert "refused 203.0.113.7:" in server.text
+
+
 def test_reconnecting_does_not_refill_the_rate():
     server = ChatServer("--rate-limit", "5", "--max-per-address", "0")
     accepted, started = 0, time.monotonic()
