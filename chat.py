@@ -395,6 +395,7 @@ ROOM_PAGE = """<!DOCTYPE html>
   let lastId = 0;          // the newest message shown: we resume after it
   let epoch = '';          // changes when the room's numbering starts again
   let retries = 0;
+  let away = false;        // the page is hidden, kept by the browser for "back"
   let me = '';             // our name, as the server knows it
   let lastTyping = 0;
   let typingTimer = null;
@@ -484,6 +485,7 @@ ROOM_PAGE = """<!DOCTYPE html>
     };
     chatSocket.onclose = function () {
       online = false;
+      if (away) return;
       // Back off (0.5 s, 1 s, 2 s … 8 s) with jitter, so a restarted server is not stampeded.
       const delay = Math.min(8000, 500 * 2 ** retries++) * (0.5 + Math.random() / 2);
       setStatus('offline — reconnecting in ' + Math.ceil(delay / 1000) + ' s');
@@ -516,6 +518,12 @@ ROOM_PAGE = """<!DOCTYPE html>
     localStorage.setItem('chat-name', nameInput.value.trim());
     if (nameInput.value.trim()) send({type: 'rename', name: nameInput.value.trim()});
   };
+  // Leaving the page: leave the room too (a browser may keep the page, socket and
+  // all, in case of "back"), and come back if the page is shown again.
+  window.addEventListener('pagehide', function () { away = true; chatSocket.close(); });
+  window.addEventListener('pageshow', function (event) {
+    if (event.persisted) { away = false; connect(); }
+  });
   connect();
 </script>
 </body>
@@ -1149,6 +1157,7 @@ def client_of(scope) -> str:
 
 
 CLOSE_REASONS = {
+    None: "closed",
     1000: "closed",
     1001: "going away",
     1005: "closed",
