@@ -98,16 +98,12 @@ CHANNEL_CAPACITY = 20_000  #: messages waiting for a room's hub before the layer
 #: Seconds a message may wait in the channel layer. Channels' default, 60 s, lost the tail
 #: of a 500,000-delivery burst (and the in-memory layer then drops the hub's groups).
 LAYER_EXPIRY = 300
-RATE_LIMIT = (
-    5  #: frames a second per connection and per address, in bursts (--rate-limit)
-)
+RATE_LIMIT = 5  #: frames a second per connection and per address (--rate-limit)
 MAX_PER_ADDRESS = 64  #: WebSockets open from one client address (--max-per-address);
 #: TCP connections from one address (pages, fetches, sockets): twice as many
 MAX_FRAME = 64 * 1024  #: bytes per WebSocket frame; bigger ones close the socket (1009)
 MAX_BODY = 1024  #: bytes of an HTTP request's body (the pages send none): else 413
-MAX_HEAD = (
-    16 * 1024
-)  #: bytes of an HTTP request's line and headers (Twisted's own limit)
+MAX_HEAD = 16 * 1024  #: bytes of a request's line and headers (Twisted's limit)
 PING_INTERVAL = 10  #: seconds between pings to each browser...
 PING_TIMEOUT = 10  #: ...and how long a pong may take before the connection is dropped
 SLOW_READER_GRACE = 5  #: seconds a browser may leave its send buffer full...
@@ -538,7 +534,7 @@ def template(source: str):
     return Engine().from_string(source)
 
 
-def page(request, source: str, **context) -> HttpResponse:
+def page(source: str, **context) -> HttpResponse:
     """A page of the chat, with the prefix its links and sockets start with: "/",
     or where a host project mounted the chat ("/demo/")."""
     prefix = reverse("chat-lobby").removesuffix("chat/")
@@ -1079,7 +1075,6 @@ async def send_news(room: str, news: dict[str, list[str]]) -> None:
 @require_safe
 def lobby(request):
     return page(
-        request,
         LOBBY_PAGE,
         max_room=MAX_ROOM_NAME,
         max_name=MAX_NAME,
@@ -1103,7 +1098,6 @@ def room(request, room_name: str):
     if not is_valid_room(room_name):
         raise Http404("No such room")
     return page(
-        request,
         ROOM_PAGE,
         room_name=room_name,
         max_message=MAX_MESSAGE,
