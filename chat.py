@@ -668,13 +668,12 @@ class MemoryRooms:
         self.size = 0  # bytes counted, all rooms together
 
     def room(self, name: str) -> MemoryRoom:
-        room = self.occupied.get(name)
+        room = self.occupied.get(name) or self.unoccupied.get(name)
         if room is None:
-            room = self.unoccupied.get(name)
-            if room is None:
-                room = self.unoccupied[name] = MemoryRoom()
-                self.resize(room, ROOM_BYTES + len(name.encode()))
-            self.unoccupied.move_to_end(name)
+            room = self.unoccupied[name] = MemoryRoom()
+            self.resize(room, ROOM_BYTES + len(name.encode()))
+        elif name in self.unoccupied:
+            self.unoccupied.move_to_end(name)  # the last to be forgotten now
         room.used = time.monotonic()
         return room
 
@@ -1238,10 +1237,10 @@ def message_text(content: dict) -> str:
         raise Refused("empty message")
     if len(text) > MAX_MESSAGE:
         raise Refused(f"message longer than {MAX_MESSAGE} characters")
-    if len(text.encode(errors="replace")) > MAX_MESSAGE_BYTES:
-        raise Refused(f"message longer than {MAX_MESSAGE_BYTES} bytes of UTF-8")
     if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in text):
         raise Refused("message contains control characters")
+    if len(text.encode()) > MAX_MESSAGE_BYTES:
+        raise Refused(f"message longer than {MAX_MESSAGE_BYTES} bytes of UTF-8")
     return text
 
 
@@ -1984,7 +1983,7 @@ def main(argv: list[str] | None = None) -> None:
     """Exactly `python chat.py ...`: serve until stopped. (A program that goes on
     while a chat runs beside it wants start().)"""
     global main_ran
-    if main_ran or running_loop():
+    if main_ran or in_an_event_loop():
         # Twisted's reactor runs once per process, and not inside another loop.
         fail("main() runs once per process, outside any event loop: use chat.start()")
     main_ran = True
@@ -2153,11 +2152,12 @@ def serving(server, host: str, port: int, banner: bool) -> None:
 main_ran = False  # (main() runs once per process)
 
 
-def running_loop() -> asyncio.AbstractEventLoop | None:
+def in_an_event_loop() -> bool:
     try:
-        return asyncio.get_running_loop()
+        asyncio.get_running_loop()
     except RuntimeError:
-        return None
+        return False
+    return True
 
 
 class Running:
