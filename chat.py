@@ -5,12 +5,13 @@
 #     "channels>=4.2,<5",
 #     "daphne>=4.2.2,<5",
 #     "channels-redis>=4.2,<5",
+#     "segno>=1.5,<2",
 # ]
 # ///
 """chat.py — a real-time chat in one file: Django + Channels + Daphne.
 
     pip install -r requirements.txt && python chat.py      # then open the URL it prints
-    pip install -r requirements.txt pytest pytest-asyncio selenium websockets && python -m pytest
+    pip install -r requirements.txt pytest pytest-asyncio selenium websockets pillow zxing-cpp && python -m pytest
 
 A lobby at /chat/, rooms at /chat/<room>/, each room's WebSocket at /ws/chat/<room>/.
 It needs no database and no Redis: rooms live in Channels' in-memory layer. Give it a Redis
@@ -63,10 +64,12 @@ from channels.routing import ProtocolTypeRouter, URLRouter
 from channels.security.websocket import WebsocketDenier
 from django.conf import settings
 from django.core.asgi import get_asgi_application
-from django.http import Http404, HttpResponse, JsonResponse
+from django.http import HttpResponse, JsonResponse
 from django.template import Context, Engine
 from django.urls import path, re_path, reverse
 from django.utils import autoreload
+from django.utils.cache import patch_vary_headers
+from django.views.decorators.gzip import gzip_page
 from django.views.decorators.http import require_safe
 from django.views.generic import RedirectView
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
@@ -75,6 +78,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 MAX_MESSAGE = 2000  #: characters per chat message...
 MAX_MESSAGE_BYTES = 4000  #: ...and bytes of UTF-8 (2,000 emoji would be 8,000)
+MAX_LINES = 20  #: lines per message (Shift+Enter), so that one cannot fill the screen
 MAX_NAME = 32  #: characters per nickname
 MAX_ROOM_NAME = 100  #: characters per room name
 MAX_LISTED = 100  #: names in a member list (the count is always exact)
@@ -239,153 +243,385 @@ def configure_alone() -> None:
     urlpatterns.insert(0, path("", root))
 
 
-# Templates ###################################################################
+# Pages #######################################################################
+# What the pages say, in the visitor's language (Accept-Language; English unless
+# Russian comes first). "{name}" is filled in by the page; a dict is a plural.
 
-STYLE = """
-  :root { color-scheme: light dark; --accent: #0b63ce; --muted: #5b6170; --line: #c8ccd4; }
-  @media (prefers-color-scheme: dark) {
-    :root { --accent: #4c9bff; --muted: #a3a9b6; --line: #3a3f4a; }
+WORDS = {
+    "en": {
+        "lobby_title": "Chat rooms",
+        "description": "A real-time chat: pick a room, share its link, talk.",
+        "which_room": "What chat room would you like to enter?",
+        "enter": "Enter",
+        "your_name": "Your name",
+        "optional": "(optional)",
+        "active_rooms": "Active rooms",
+        "none_yet": "none yet",
+        "online": "{n} online",
+        "bad_room": "A room name is 1–100 letters, digits, _ or -, without spaces.",
+        "join_here": "Join from a phone or laptop on this network:",
+        "all_rooms": "all rooms",
+        "who_is_online": "Who is online",
+        "messages": "Messages",
+        "message": "Message",
+        "placeholder": "Message (Enter sends, Shift+Enter: new line)",
+        "send": "Send",
+        "connecting": "connecting…",
+        "connected_as": "connected as {name}",
+        "offline": "offline",
+        "reconnecting": "offline — reconnecting in {n} s",
+        "waiting": "{n} waiting to send",
+        "online_count": "{n} online:",
+        "joined": "{names} joined",
+        "left": "{names} left",
+        "and_more": "{names} and {n} more",
+        "renamed": "{old} is now {name}",
+        "typing": "{name} is typing…",
+        "new_messages": {"one": "{n} new message ↓", "other": "{n} new messages ↓"},
+        "no_such_room": "No such room",
+        "room_rules": "Room names are 1–100 letters, digits, _ or -.",
+        "back": "Back to the lobby",
+    },
+    "ru": {
+        "lobby_title": "Комнаты чата",
+        "description": "Чат в реальном времени: выберите комнату, поделитесь ссылкой.",
+        "which_room": "В какую комнату вы хотите войти?",
+        "enter": "Войти",
+        "your_name": "Ваше имя",
+        "optional": "(необязательно)",
+        "active_rooms": "Активные комнаты",
+        "none_yet": "пока нет",
+        "online": "{n} в сети",
+        "bad_room": "Имя комнаты: 1–100 букв, цифр, _ или -, без пробелов.",
+        "join_here": "Войти с телефона или ноутбука в этой сети:",
+        "all_rooms": "все комнаты",
+        "who_is_online": "Кто в сети",
+        "messages": "Сообщения",
+        "message": "Сообщение",
+        "placeholder": "Сообщение (Enter — отправить, Shift+Enter — новая строка)",
+        "send": "Отправить",
+        "connecting": "подключение…",
+        "connected_as": "вы в чате как {name}",
+        "offline": "нет связи",
+        "reconnecting": "нет связи — переподключение через {n} с",
+        "waiting": "ждут отправки: {n}",
+        "online_count": "в сети: {n}",
+        "joined": "{names}: вход",
+        "left": "{names}: выход",
+        "and_more": "{names} и ещё {n}",
+        "renamed": "{old} теперь {name}",
+        "typing": "{name} печатает…",
+        "new_messages": {
+            "one": "{n} новое сообщение ↓",
+            "few": "{n} новых сообщения ↓",
+            "other": "{n} новых сообщений ↓",
+        },
+        "no_such_room": "Такой комнаты нет",
+        "room_rules": "Имя комнаты: 1–100 букв, цифр, _ или -.",
+        "back": "Вернуться к списку комнат",
+    },
+}
+
+STYLE = r"""
+:root {
+  color-scheme: light dark;
+  --bg: #ffffff; --fg: #1b1e24; --muted: #5a6070; --line: #858b98; --soft: #f3f4f7;
+  --accent: #0b5cc2; --on-accent: #ffffff; --mine: #eaf1fd; --mention: #fff3c4;
+  --error: #b3261e;
+  --n0: #b3261e; --n1: #8f4a00; --n2: #665800; --n3: #1d7532;
+  --n4: #00707a; --n5: #1d5fc4; --n6: #6a3fc1; --n7: #a3237a;
+}
+@media (prefers-color-scheme: dark) {
+  :root {
+    --bg: #14161b; --fg: #e7e9ee; --muted: #a7aebc; --line: #7c8391; --soft: #1e222a;
+    --accent: #8ab8ff; --on-accent: #0b1220; --mine: #1b2840; --mention: #3a3213;
+    --error: #ff8f85;
+    --n0: #ff8f85; --n1: #ffb45e; --n2: #dccb55; --n3: #72d98d;
+    --n4: #5fd3dc; --n5: #8ab8ff; --n6: #c4a6ff; --n7: #ff8ad0;
   }
-  * { box-sizing: border-box; }
-  body { margin: 0; font: 1.15rem/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; }
-  main { max-width: 60rem; margin: 0 auto; padding: .8rem; height: 100dvh;
-         display: flex; flex-direction: column; gap: .5rem; }
-  header { display: flex; flex-wrap: wrap; align-items: baseline; gap: .2rem 1rem; }
-  h1 { margin: 0; font-size: 1.7rem; overflow-wrap: anywhere; }
-  h2 { margin: .6rem 0 .2rem; font-size: 1.2rem; }
-  label { font-weight: 600; }
-  input, textarea { font: inherit; }
-  input[type=text] { flex: 1; min-width: 0; padding: .45rem .6rem;
-                     border: 1px solid var(--line); border-radius: .4rem; }
-  input[type=button] { padding: .45rem 1.1rem; border: 0; border-radius: .4rem;
-                       background: var(--accent); color: #fff; cursor: pointer; }
-  .row { display: flex; gap: .5rem; align-items: center; }
-  .muted, #status, #typing { color: var(--muted); font-size: 1rem; }
-  #chat-log { flex: 1; min-height: 6rem; width: 100%; resize: none; padding: .6rem;
-              border: 1px solid var(--line); border-radius: .4rem; }
-  #members { display: flex; flex-wrap: wrap; gap: .3rem .9rem; margin: 0; padding: 0;
-             list-style: none; font-size: 1rem; max-height: 4.5rem; overflow: auto; }
-  #members li::before { content: "● "; color: #2a9d55; }
-  #typing { min-height: 1.4em; }
-  #rooms { padding-left: 1.2rem; }
-  #rooms a { color: var(--accent); }
-  .visually-hidden { position: absolute; width: 1px; height: 1px; overflow: hidden;
-                     clip-path: inset(50%); white-space: nowrap; }
+}
+* { box-sizing: border-box; }
+html, body { background: var(--bg); color: var(--fg); }
+body { margin: 0; font: 1.125rem/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
+main { max-width: 60rem; margin: 0 auto; padding: .75rem; height: 100dvh;
+       display: flex; flex-direction: column; gap: .5rem; }
+header { display: flex; align-items: baseline; justify-content: space-between; gap: 1rem; }
+h1 { margin: 0; font-size: 1.75rem; line-height: 1.2; overflow-wrap: anywhere; }
+h2 { margin: .6rem 0 .2rem; font-size: 1.25rem; }
+a { color: var(--accent); }
+label { font-weight: 600; }
+input, textarea, button { font: inherit; color: inherit; }
+input[type=text], textarea { flex: 1; min-width: 0; padding: .45rem .6rem; background: var(--bg);
+  border: 1px solid var(--line); border-radius: .5rem; }
+textarea { resize: none; max-height: 30vh; overflow-y: auto; }
+::placeholder { color: var(--muted); opacity: 1; }
+input[type=button], button { padding: .45rem 1.1rem; border: 0; border-radius: .5rem;
+  background: var(--accent); color: var(--on-accent); font-weight: 600; cursor: pointer; }
+:focus-visible { outline: 3px solid var(--accent); outline-offset: 2px; }
+.row { display: flex; gap: .5rem; align-items: center; }
+.row.compose { align-items: flex-end; }
+.muted, #status, #typing { color: var(--muted); font-size: 1rem; }
+#status { min-height: 1.45em; margin-top: -.4rem; }
+.error { color: var(--error); }
+.visually-hidden { position: absolute; width: 1px; height: 1px; overflow: hidden;
+                   clip-path: inset(50%); white-space: nowrap; }
+/* The lobby */
+#rooms { padding-left: 1.2rem; }
+#room-name-error:empty, #rooms:empty { display: none; }
+#join { display: flex; flex-wrap: wrap; gap: 1rem; align-items: center; padding: .75rem;
+        background: var(--soft); border-radius: .5rem; }
+#join strong { font-size: 1.6rem; overflow-wrap: anywhere; }
+#join svg { background: #fff; border-radius: .25rem; }
+/* A room */
+/* Who is online: one row that scrolls sideways, so the room does not move as people come. */
+.who { display: flex; gap: .6rem; align-items: baseline; min-height: 1.6em; font-size: 1rem; }
+#member-count { flex: none; }
+#members { display: flex; gap: .9rem; margin: 0; padding: 0 0 .2rem; list-style: none;
+           overflow-x: auto; white-space: nowrap; }
+#members li::before { content: "● "; color: var(--n3); }
+.log-box { flex: 1; min-height: 6rem; position: relative; display: flex; }
+#chat-log { flex: 1; overflow-y: auto; overscroll-behavior: contain; padding: .5rem .75rem;
+            border: 1px solid var(--line); border-radius: .5rem; }
+.event { padding: .1rem .5rem; border-radius: .4rem; overflow-wrap: anywhere; }
+.message { margin-top: .5rem; }
+.message.follow { margin-top: 0; }
+.message.follow .meta { position: absolute; width: 1px; height: 1px; overflow: hidden;
+                        clip-path: inset(50%); white-space: nowrap; }
+.message .meta { display: flex; gap: .5rem; align-items: baseline; }
+.author { font-weight: 700; }
+.n0 { color: var(--n0); } .n1 { color: var(--n1); } .n2 { color: var(--n2); }
+.n3 { color: var(--n3); } .n4 { color: var(--n4); } .n5 { color: var(--n5); }
+.n6 { color: var(--n6); } .n7 { color: var(--n7); }
+time { color: var(--muted); font-size: .875rem; }
+.text { white-space: pre-wrap; }
+.mine { background: var(--mine); }
+.mention { background: var(--mention); box-shadow: inset 3px 0 var(--n1); }
+.notice { color: var(--muted); font-size: .95rem; margin: .2rem 0; }
+.notice.error { color: var(--error); }
+.day { display: flex; align-items: center; gap: .75rem; margin: .75rem 0 .25rem;
+       color: var(--muted); font-size: .875rem; font-weight: 600; }
+.day::before, .day::after { content: ""; flex: 1; border-top: 1px solid var(--line); }
+#new-messages { position: absolute; bottom: .75rem; left: 50%; transform: translateX(-50%);
+                box-shadow: 0 2px 8px #0006; }
+#typing { min-height: 1.4em; }
 """
 
-LOBBY_PAGE = """<!DOCTYPE html>
-<html lang="en">
+# The tab's icon, inline: a page that asks for /favicon.ico logs a 404.
+FAVICON = (
+    "data:image/svg+xml,<svg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 32 32'>"
+    "<path fill='%230b5cc2' d='M4 4h24a3 3 0 0 1 3 3v14a3 3 0 0 1-3 3H13l-7 6v-6H4a3 3"
+    " 0 0 1-3-3V7a3 3 0 0 1 3-3z'/></svg>"
+)
+
+# Django templates, kept in memory by its locmem loader: "base.html" holds what
+# every page shares; the lobby, a room and "no such room" extend it.
+PAGES = {}
+PAGES["base.html"] = r"""<!DOCTYPE html>
+<html lang="{{ language }}">
 <head>
 <meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Chat rooms</title>
-<style>{{ style }}</style>
+<meta name="viewport" content="width=device-width, initial-scale=1, interactive-widget=resizes-content">
+<meta name="description" content="{{ words.description }}">
+<link rel="icon" href="{{ favicon|safe }}">
+<title>{% block title %}{% endblock %}</title>
+<style nonce="{{ nonce }}">{{ style|safe }}</style>
 </head>
 <body>
 <main>
-  <h1>Chat rooms</h1>
-  <label for="room-name-input">What chat room would you like to enter?</label>
-  <div class="row">
-    <input id="room-name-input" type="text" maxlength="{{ max_room }}" autocomplete="off">
-    <input id="room-name-submit" type="button" value="Enter">
-  </div>
-  <label for="name-input">Your name <span class="muted">(optional)</span></label>
-  <div class="row">
-    <input id="name-input" type="text" maxlength="{{ max_name }}" autocomplete="nickname">
-  </div>
-  <h2>Active rooms</h2>
-  <ul id="rooms" aria-live="polite"><li class="muted">none yet</li></ul>
+{% block main %}{% endblock %}
 </main>
+{{ words|json_script:"words" }}
 {{ prefix|json_script:"prefix" }}
-<script>
+<script nonce="{{ nonce }}">
   // Where the chat lives: "/", or under a host project's prefix ("/demo/").
   const prefix = JSON.parse(document.getElementById('prefix').textContent);
-  const roomInput = document.querySelector('#room-name-input');
-  const nameInput = document.querySelector('#name-input');
-  nameInput.value = localStorage.getItem('chat-name') || '';
-  nameInput.onchange = () => localStorage.setItem('chat-name', nameInput.value.trim());
+  const words = JSON.parse(document.getElementById('words').textContent);
+  const plurals = new Intl.PluralRules(document.documentElement.lang);
 
-  roomInput.focus();
-  roomInput.onkeyup = function (e) {
-    if (e.key === 'Enter') document.querySelector('#room-name-submit').click();
-  };
-  document.querySelector('#room-name-submit').onclick = function () {
-    localStorage.setItem('chat-name', nameInput.value.trim());
-    const roomName = roomInput.value.trim();
-    if (roomName) window.location.pathname = prefix + 'chat/' + encodeURIComponent(roomName) + '/';
-  };
-
-  // The active rooms, refreshed every few seconds.
-  async function showRooms() {
-    try {
-      const rooms = (await (await fetch(prefix + 'chat/rooms.json')).json()).rooms;
-      const items = rooms.map(function (room) {
-        const link = document.createElement('a');
-        link.href = prefix + 'chat/' + encodeURIComponent(room.name) + '/';
-        link.textContent = room.name;
-        const item = document.createElement('li');
-        item.append(link, ' — ' + room.count + ' online');
-        return item;
+  // The page's words with their "{slots}" filled: strings, and names in <bdi>
+  // (an Arabic name keeps its own direction inside an English line).
+  function phrase(key, slots = {}) {
+    let wording = words[key];
+    if (typeof wording === 'object') wording = wording[plurals.select(slots.n)] || wording.other;
+    return wording.split(/\{(\w+)\}/).flatMap(function (part, i) {
+      if (i % 2 === 0) return [part];
+      if (part === 'n') return [String(slots.n)];
+      return [slots[part]].flat().flatMap(function (name, j) {
+        const isolated = document.createElement('bdi');
+        isolated.textContent = name;
+        return j ? [', ', isolated] : [isolated];
       });
-      if (!items.length) {
-        items.push(document.createElement('li'));
-        items[0].textContent = 'none yet';
-        items[0].className = 'muted';
-      }
-      document.querySelector('#rooms').replaceChildren(...items);
-    } catch (error) { /* offline: keep the last list */ }
+    });
   }
-  showRooms();
-  setInterval(showRooms, {{ lobby_refresh_ms }});
+  function wording(key, slots) {
+    return phrase(key, slots).map((part) => part.textContent ?? part).join('');
+  }
+  // Enter acts, unless an input method is composing: then Enter confirms a word
+  // (keyCode 229: Safari's composition-ending Enter). Shift+Enter: a new line.
+  function onEnter(input, action) {
+    input.addEventListener('keydown', function (e) {
+      if (e.key !== 'Enter' || e.shiftKey || e.isComposing || e.keyCode === 229) return;
+      e.preventDefault();
+      action();
+    });
+  }
 </script>
+{% block script %}{% endblock %}
 </body>
 </html>
 """
 
-ROOM_PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1, interactive-widget=resizes-content">
-<title>{{ room_name }} · chat</title>
-<style>{{ style }}</style>
-</head>
-<body>
-<main>
-  <header>
-    <h1>{{ room_name }}</h1>
-    <div id="status" role="status">connecting…</div>
-    <a href="{{ prefix }}chat/" class="muted">all rooms</a>
-  </header>
+PAGES["lobby.html"] = r"""{% extends "base.html" %}
+{% block title %}{{ words.lobby_title }}{% endblock %}
+{% block main %}
+  <h1>{{ words.lobby_title }}</h1>
+  {% if join_url %}
+  <section id="join" aria-labelledby="join-here">
+    <div role="img" aria-label="QR code: {{ join_url }}">{{ join_qr|safe }}</div>
+    <p id="join-here">{{ words.join_here }}<br><strong id="join-url">{{ join_url }}</strong></p>
+  </section>
+  {% endif %}
+  <label for="room-name-input">{{ words.which_room }}</label>
   <div class="row">
-    <label for="name-input">Your name</label>
+    <input id="room-name-input" type="text" maxlength="{{ max_room }}" autocomplete="off"
+           aria-describedby="room-name-error">
+    <input id="room-name-submit" type="button" value="{{ words.enter }}">
+  </div>
+  <p id="room-name-error" class="error" role="alert"></p>
+  <label for="name-input">{{ words.your_name }} <span class="muted">{{ words.optional }}</span></label>
+  <div class="row">
     <input id="name-input" type="text" maxlength="{{ max_name }}" autocomplete="nickname">
   </div>
-  <section aria-label="Who is online">
+  <h2>{{ words.active_rooms }}</h2>
+  <ul id="rooms"></ul>
+  <p id="no-rooms" class="muted">{{ words.none_yet }}</p>
+{% endblock %}
+{% block script %}
+<script nonce="{{ nonce }}">
+  const roomInput = document.querySelector('#room-name-input');
+  const roomError = document.querySelector('#room-name-error');
+  const nameInput = document.querySelector('#name-input');
+  nameInput.value = localStorage.getItem('chat-name') || '';
+  nameInput.onchange = () => localStorage.setItem('chat-name', nameInput.value.trim());
+
+  // The server's rule for room names, checked here so a bad one is explained
+  // beside the box instead of by a "no such room" page.
+  function isRoomName(name) {
+    return /^[\p{L}\p{M}\p{N}_-]+$/u.test(name) && [...name].length <= roomInput.maxLength;
+  }
+  roomInput.focus();
+  onEnter(roomInput, () => document.querySelector('#room-name-submit').click());
+  roomInput.oninput = function () {
+    roomError.textContent = '';
+    roomInput.removeAttribute('aria-invalid');
+  };
+  document.querySelector('#room-name-submit').onclick = function () {
+    localStorage.setItem('chat-name', nameInput.value.trim());
+    const roomName = roomInput.value.trim();
+    if (!roomName) return;
+    if (!isRoomName(roomName)) {
+      roomError.textContent = wording('bad_room');
+      roomInput.setAttribute('aria-invalid', 'true');
+      return roomInput.focus();
+    }
+    window.location.pathname = prefix + 'chat/' + encodeURIComponent(roomName) + '/';
+  };
+
+  // The active rooms, refreshed in place: a link keeps its focus across updates.
+  const listed = new Map();  // room name → its <li>
+  function roomItem(name) {
+    const link = document.createElement('a');
+    link.href = prefix + 'chat/' + encodeURIComponent(name) + '/';
+    link.textContent = name;
+    link.dir = 'auto';
+    const item = document.createElement('li');
+    item.count = document.createElement('span');
+    item.append(link, ' — ', item.count);
+    listed.set(name, item);
+    return item;
+  }
+  function showRooms(rooms) {
+    const list = document.querySelector('#rooms');
+    const focused = document.activeElement;
+    const names = new Set(rooms.map((room) => room.name));
+    for (const [name, item] of listed) {
+      if (!names.has(name)) { item.remove(); listed.delete(name); }
+    }
+    rooms.forEach(function (room, i) {
+      const item = listed.get(room.name) || roomItem(room.name);
+      const count = wording('online', {n: room.count});
+      if (item.count.textContent !== count) item.count.textContent = count;
+      if (list.children[i] !== item) list.insertBefore(item, list.children[i] || null);
+    });
+    // (Moving a focused link blurs it.)
+    if (focused !== document.activeElement && focused.isConnected) focused.focus();
+    document.querySelector('#no-rooms').hidden = rooms.length > 0;
+  }
+  async function refreshRooms() {
+    if (document.hidden) return;  // nobody is looking
+    try {
+      showRooms((await (await fetch(prefix + 'chat/rooms.json')).json()).rooms);
+    } catch (error) { /* offline: keep the last list */ }
+  }
+  refreshRooms();
+  setInterval(refreshRooms, {{ lobby_refresh_ms }});
+  document.addEventListener('visibilitychange', refreshRooms);
+</script>
+{% endblock %}
+"""
+
+PAGES["404.html"] = r"""{% extends "base.html" %}
+{% block title %}{{ words.no_such_room }}{% endblock %}
+{% block main %}
+  <h1>{{ words.no_such_room }}</h1>
+  <p>{{ words.room_rules }}</p>
+  <p><a href="{{ prefix }}chat/">{{ words.back }}</a></p>
+{% endblock %}
+"""
+
+PAGES["room.html"] = r"""{% extends "base.html" %}
+{% block title %}{{ room_name }} · chat{% endblock %}
+{% block main %}
+  <header>
+    <h1 dir="auto">{{ room_name }}</h1>
+    <a href="{{ prefix }}chat/">{{ words.all_rooms }}</a>
+  </header>
+  <div id="status" role="status">{{ words.connecting }}</div>
+  <div class="row">
+    <label for="name-input">{{ words.your_name }}</label>
+    <input id="name-input" type="text" maxlength="{{ max_name }}" autocomplete="nickname">
+  </div>
+  <section class="who" aria-label="{{ words.who_is_online }}">
     <span id="member-count" class="muted"></span>
-    <ul id="members"></ul>
+    <ul id="members" tabindex="0"></ul>
   </section>
-  <textarea id="chat-log" readonly aria-label="Messages"></textarea>
+  <div class="log-box">
+    <!-- Not read out as it grows: #announcer speaks new messages, not the history. -->
+    <div id="chat-log" role="log" aria-live="off" aria-label="{{ words.messages }}" tabindex="0"></div>
+    <button id="new-messages" type="button" hidden></button>
+  </div>
   <div id="announcer" class="visually-hidden" aria-live="polite"></div>
   <div id="typing" aria-live="off"></div>
-  <div class="row">
-    <label for="chat-message-input">Message</label>
-    <input id="chat-message-input" type="text" maxlength="{{ max_message }}" autocomplete="off"
-           placeholder="Type a message, press Enter">
-    <input id="chat-message-submit" type="button" value="Send">
+  <div class="row compose">
+    <label for="chat-message-input" class="visually-hidden">{{ words.message }}</label>
+    <textarea id="chat-message-input" rows="1" maxlength="{{ max_message }}" autocomplete="off"
+              enterkeyhint="send" placeholder="{{ words.placeholder }}"></textarea>
+    <input id="chat-message-submit" type="button" value="{{ words.send }}">
   </div>
-</main>
+{% endblock %}
+{% block script %}
 {{ room_name|json_script:"room-name" }}
-{{ prefix|json_script:"prefix" }}
-<script>
+<script nonce="{{ nonce }}">
   const roomName = JSON.parse(document.getElementById('room-name').textContent);
-  const prefix = JSON.parse(document.getElementById('prefix').textContent);
   const log = document.querySelector('#chat-log');
   const status = document.querySelector('#status');
   const messageInput = document.querySelector('#chat-message-input');
   const nameInput = document.querySelector('#name-input');
+  const newMessages = document.querySelector('#new-messages');
   nameInput.value = localStorage.getItem('chat-name') || '';
 
+  const MAX_SHOWN = 1000;            // events the page keeps; older ones are dropped
+  const GROUP_TIME = 5 * 60 * 1000;  // one author's messages this close share a heading
   let chatSocket = null;
   let online = false;      // true from "welcome" until the socket closes
   let lastId = 0;          // the newest message shown: we resume after it
@@ -395,29 +631,135 @@ ROOM_PAGE = """<!DOCTYPE html>
   let me = '';             // our name, as the server knows it
   let lastTyping = 0;
   let typingTimer = null;
+  let unseen = 0;          // arrived while the reader was scrolled up
+  let unread = 0;          // arrived while the tab was hidden
+  let lastDay = '';        // the date of the newest message shown
+  const title = document.title;
   const outbox = [];       // what was typed while offline
 
-  function addLine(text) {
-    log.value += text + '\\n';
+  // The transcript: one element per event. Its `value` is what the tutorial's
+  // textarea held, one line per event, so its tests read it unchanged.
+  Object.defineProperty(log, 'value', {
+    get: () => Array.from(log.children, (event) => (event.line ? event.line + '\n' : '')).join(''),
+  });
+  function atBottom() {
+    return log.scrollHeight - log.scrollTop - log.clientHeight < 40;
+  }
+  function toBottom() {
     log.scrollTop = log.scrollHeight;
-    document.querySelector('#announcer').textContent = text;  // read out by screen readers
+    unseen = 0;
+    newMessages.hidden = true;
   }
-  function clock(ts) {
-    return new Date(ts).toLocaleTimeString([], {hour: '2-digit', minute: '2-digit', hour12: false});
+  newMessages.onclick = toBottom;
+  log.onscroll = () => { if (atBottom()) toBottom(); };
+
+  // A reader at the bottom stays there; one reading older lines is not moved,
+  // and a button says how many arrived below.
+  function show(item, line, live) {
+    const following = atBottom();
+    item.line = line;
+    log.append(item);
+    while (log.childElementCount > MAX_SHOWN) log.firstElementChild.remove();
+    if (following) toBottom();
+    else if (live) {
+      newMessages.textContent = wording('new_messages', {n: ++unseen});
+      newMessages.hidden = false;
+    }
   }
+  function element(tag, className, text) {
+    const made = document.createElement(tag);
+    made.className = className;
+    if (text !== undefined) made.append(...[text].flat());
+    return made;
+  }
+  function clock(when) {
+    return when.toLocaleTimeString([], {hour: '2-digit', minute: '2-digit', hour12: false});
+  }
+  // One of eight colours per name, the same in every window.
+  function colourOf(name) {
+    let hash = 0;
+    for (const ch of name) hash = (hash * 31 + ch.codePointAt(0)) >>> 0;
+    return 'n' + (hash % 8);
+  }
+  // http(s) addresses become links, built as elements: nothing typed is parsed as markup.
+  function withLinks(text) {
+    const parts = [];
+    let end = 0;
+    for (const match of text.matchAll(/https?:\/\/[^\s<>"]+/gi)) {
+      let address = match[0];  // without the sentence's punctuation after it
+      while (/[.,;:!?'")\]]$/.test(address) && !isBalanced(address)) address = address.slice(0, -1);
+      const link = element('a', '', address);
+      link.href = address;
+      link.target = '_blank';
+      link.rel = 'noopener noreferrer nofollow';
+      parts.push(text.slice(end, match.index), link);
+      end = match.index + address.length;
+    }
+    parts.push(text.slice(end));
+    return parts;
+  }
+  function isBalanced(address) {  // https://en.wikipedia.org/wiki/Ada_(language)
+    return address.endsWith(')') && address.split('(').length >= address.split(')').length;
+  }
+  function mentionsMe(text) {
+    const at = text.toLowerCase().indexOf('@' + me.toLowerCase());
+    const next = text.slice(at + me.length + 1);
+    return me !== '' && at >= 0 && !/^[\p{L}\p{N}_]/u.test(next);
+  }
+  // Our own messages and those naming us stand out (history arrives before we know our name).
+  function mark(item) {
+    item.classList.toggle('mine', item.author === me);
+    item.classList.toggle('mention', item.author !== me && mentionsMe(item.text));
+  }
+  function showMessage(frame, live) {
+    const when = new Date(frame.ts);
+    const before = log.lastElementChild;
+    if (when.toDateString() !== lastDay) {  // a new day: a line with its date
+      lastDay = when.toDateString();
+      const date = {weekday: 'long', day: 'numeric', month: 'long'};
+      show(element('div', 'day', when.toLocaleDateString(document.documentElement.lang, date)));
+    }
+    const item = element('div', 'event message');
+    Object.assign(item, {author: frame.user, text: frame.message, when: when});
+    const follows = before && before.author === frame.user && when - before.when < GROUP_TIME;
+    if (follows) item.classList.add('follow');
+    const time = element('time', '', clock(when));
+    time.dateTime = frame.ts;
+    const author = element('bdi', 'author ' + colourOf(frame.user), frame.user);
+    const text = element('div', 'text', withLinks(frame.message));
+    text.dir = 'auto';
+    item.append(element('div', 'meta', [author, time]), text);
+    mark(item);
+    const line = clock(when) + ' ' + frame.user + ': ' + frame.message;
+    show(item, line, live);
+    if (!live) return;
+    document.querySelector('#announcer').textContent = line;  // read out by screen readers
+    if (document.hidden) document.title = '(' + ++unread + ') ' + title;
+  }
+  function showNotice(kind, symbol, parts, live) {
+    const item = element('div', 'event notice ' + kind, [symbol + ' ', ...parts]);
+    show(item, item.textContent, live);
+    if (kind === 'error') document.querySelector('#announcer').textContent = item.textContent;
+  }
+  document.addEventListener('visibilitychange', function () {
+    if (!document.hidden) { unread = 0; document.title = title; }
+  });
   function setStatus(text) {
-    status.textContent = text + (outbox.length ? ' — ' + outbox.length + ' waiting to send' : '');
+    if (outbox.length) text += ' — ' + wording('waiting', {n: outbox.length});
+    status.textContent = text;
   }
   // Who is online: the welcome names them, then each join, leave or rename says
   // only what changed (a frame with every name, to every member, would not scale).
   let members = new Set();
   function showMembers(frame) {
-    document.querySelector('#member-count').textContent = frame.count + ' online:';
-    document.querySelector('#members').replaceChildren(...[...members].sort().map(function (name) {
-      const item = document.createElement('li');
-      item.textContent = name;
-      return item;
-    }));
+    document.querySelector('#member-count').textContent = wording('online_count', {n: frame.count});
+    document.querySelector('#members').replaceChildren(...[...members].sort().map(
+      (name) => element('li', '', element('bdi', '', name))
+    ));
+  }
+  function named(users) {
+    if (users.length <= 3) return {names: users};
+    return {names: phrase('and_more', {names: users.slice(0, 3), n: users.length - 3})};
   }
   function adoptEpoch(newEpoch) {
     if (newEpoch !== epoch) { epoch = newEpoch; lastId = 0; }
@@ -429,7 +771,7 @@ ROOM_PAGE = """<!DOCTYPE html>
       if (frame.id <= lastId) return;                          // already shown
       if (online && frame.id > lastId + 1) { chatSocket.close(); return; }  // a gap: resume
       lastId = frame.id;
-      addLine(clock(frame.ts) + ' ' + frame.user + ': ' + frame.message);
+      showMessage(frame, online);  // before "welcome": history, not read out
     },
     welcome(frame) {
       adoptEpoch(frame.epoch);
@@ -437,34 +779,41 @@ ROOM_PAGE = """<!DOCTYPE html>
       online = true;
       retries = 0;
       me = frame.user;
+      log.querySelectorAll('.message').forEach(mark);
       members = new Set(frame.members);
       showMembers(frame);
       while (outbox.length) chatSocket.send(JSON.stringify(outbox.shift()));
-      setStatus('connected as ' + me);
+      setStatus(wording('connected_as', {name: me}));
     },
     join(frame) {
-      addLine('→ ' + frame.message);
+      const others = frame.users.filter((name) => name !== me);  // we know we came
+      if (others.length) showNotice('join', '→', phrase('joined', named(others)), online);
       frame.users.forEach((name) => members.add(name));
       showMembers(frame);
     },
     leave(frame) {
-      addLine('← ' + frame.message);
+      showNotice('leave', '←', phrase('left', named(frame.users)), online);
       frame.users.forEach((name) => members.delete(name));
       showMembers(frame);
     },
     rename(frame) {
-      addLine('✎ ' + frame.message);
+      showNotice('rename', '✎', phrase('renamed', {old: frame.old, name: frame.user}), online);
       members.delete(frame.old);
       members.add(frame.user);
       showMembers(frame);
-      if (frame.old === me) { me = frame.user; setStatus('connected as ' + me); }
+      if (frame.old === me) {
+        me = frame.user;
+        setStatus(wording('connected_as', {name: me}));
+        log.querySelectorAll('.message').forEach(mark);
+      }
     },
     typing(frame) {
-      document.querySelector('#typing').textContent = frame.message;
+      const typing = document.querySelector('#typing');
+      typing.replaceChildren(...phrase('typing', {name: frame.user}));
       clearTimeout(typingTimer);
-      typingTimer = setTimeout(() => { document.querySelector('#typing').textContent = ''; }, 3000);
+      typingTimer = setTimeout(() => typing.replaceChildren(), 3000);
     },
-    error(frame) { addLine('⚠ ' + frame.message); },
+    error(frame) { showNotice('error', '⚠', [frame.message], true); },
   };
 
   function connect() {
@@ -484,31 +833,39 @@ ROOM_PAGE = """<!DOCTYPE html>
       if (away) return;
       // Back off (0.5 s, 1 s, 2 s … 8 s) with jitter, so a restarted server is not stampeded.
       const delay = Math.min(8000, 500 * 2 ** retries++) * (0.5 + Math.random() / 2);
-      setStatus('offline — reconnecting in ' + Math.ceil(delay / 1000) + ' s');
+      setStatus(wording('reconnecting', {n: Math.ceil(delay / 1000)}));
       setTimeout(connect, delay);
     };
   }
 
   function send(frame) {
     if (online) chatSocket.send(JSON.stringify(frame));
-    else if (frame.message) { outbox.push(frame); setStatus('offline'); }
+    else if (frame.message) { outbox.push(frame); setStatus(wording('offline')); }
   }
 
+  // The message box grows with its lines, up to a third of the screen.
+  function fitInput() {
+    messageInput.style.height = 'auto';
+    const borders = messageInput.offsetHeight - messageInput.clientHeight;
+    messageInput.style.height = messageInput.scrollHeight + borders + 'px';
+  }
   messageInput.focus();
-  messageInput.onkeyup = function (e) {
-    if (e.key === 'Enter') document.querySelector('#chat-message-submit').click();
-  };
+  onEnter(messageInput, () => document.querySelector('#chat-message-submit').click());
   messageInput.oninput = function () {
+    fitInput();
     if (Date.now() - lastTyping > {{ typing_interval_ms }}) {
       lastTyping = Date.now();
       send({type: 'typing'});
     }
   };
   document.querySelector('#chat-message-submit').onclick = function () {
-    if (!messageInput.value.trim()) return;
-    send({message: messageInput.value});
+    const text = messageInput.value.trimEnd();
+    if (!text.trim()) return;
+    send({message: text});
     lastTyping = 0;
     messageInput.value = '';
+    fitInput();
+    toBottom();  // whoever writes wants to see the answer
   };
   nameInput.onchange = function () {
     localStorage.setItem('chat-name', nameInput.value.trim());
@@ -522,24 +879,63 @@ ROOM_PAGE = """<!DOCTYPE html>
   });
   connect();
 </script>
-</body>
-</html>
+{% endblock %}
 """
 
 
+def language_of(request) -> str:
+    """The first language of the visitor's Accept-Language that the pages speak."""
+    ranked = []
+    for entry in request.headers.get("Accept-Language", "").split(","):
+        tag, _, quality = entry.strip().partition(";q=")
+        with contextlib.suppress(ValueError):
+            ranked.append((-float(quality or 1), tag.split("-")[0].lower()))
+    return next((tag for _, tag in sorted(ranked) if tag in WORDS), "en")
+
+
 @functools.cache
-def template(source: str):
-    """A page, compiled when first served, by a Django template engine of its own
-    (whatever templates a host project has)."""
-    return Engine().from_string(source)
+def engine() -> Engine:
+    """Chat's own template engine, whatever templates a host project has."""
+    return Engine(loaders=[("django.template.loaders.locmem.Loader", PAGES)])
 
 
-def page(source: str, **context) -> HttpResponse:
-    """A page of the chat, with the prefix its links and sockets start with: "/",
-    or where a host project mounted the chat ("/demo/")."""
-    prefix = reverse("chat-lobby").removesuffix("chat/")
-    context = Context({"style": STYLE, "prefix": prefix, **context})
-    return HttpResponse(template(source).render(context))
+def page(request, name: str, status: int = 200, **context) -> HttpResponse:
+    """A page of the chat in the visitor's language, with the prefix its links and
+    sockets start with: "/", or where a host project mounted the chat ("/demo/")."""
+    language, nonce = language_of(request), secrets.token_urlsafe(16)
+    context |= {
+        "language": language,
+        "words": WORDS[language],
+        "prefix": reverse("chat-lobby").removesuffix("chat/"),
+        "style": STYLE,
+        "favicon": FAVICON,
+        "nonce": nonce,
+    }
+    response = HttpResponse(
+        engine().get_template(name).render(Context(context)), status=status
+    )
+    response["Content-Language"] = language
+    response["Content-Security-Policy"] = content_security_policy(request, nonce)
+    patch_vary_headers(response, ["Accept-Language"])
+    return response
+
+
+def content_security_policy(request, nonce: str) -> str:
+    """Only this response's own script and style run (an injected one would lack
+    the nonce); the page talks to its own host only, and no site may frame it."""
+    host = request.get_host()
+    return "; ".join(
+        [
+            "default-src 'none'",
+            f"script-src 'nonce-{nonce}'",
+            f"style-src 'nonce-{nonce}'",
+            "img-src data:",
+            f"connect-src 'self' ws://{host} wss://{host}",
+            "base-uri 'none'",
+            "form-action 'none'",
+            "frame-ancestors 'none'",
+        ]
+    )
 
 
 # Rooms: names, history and presence ##########################################
@@ -1072,9 +1468,14 @@ async def send_news(room: str, news: dict[str, list[str]]) -> None:
 
 
 @require_safe
+@gzip_page
 def lobby(request):
+    join = knob("JOIN_URL", None)  # (workshop mode)
     return page(
-        LOBBY_PAGE,
+        request,
+        "lobby.html",
+        join_url=join,
+        join_qr=join and qr_code(join).svg_inline(scale=6, omitsize=False),
         max_room=MAX_ROOM_NAME,
         max_name=MAX_NAME,
         lobby_refresh_ms=LOBBY_REFRESH * 1000,
@@ -1093,16 +1494,24 @@ async def active_rooms(request):
 
 
 @require_safe
+@gzip_page
 def room(request, room_name: str):
     if not is_valid_room(room_name):
-        raise Http404("No such room")
+        return no_such_page(request)
     return page(
-        ROOM_PAGE,
+        request,
+        "room.html",
         room_name=room_name,
         max_message=MAX_MESSAGE,
         max_name=MAX_NAME,
         typing_interval_ms=TYPING_INTERVAL * 1000,
     )
+
+
+@gzip_page
+def no_such_page(request, exception=None):
+    """A 404 that shows the way back to the lobby."""
+    return page(request, "404.html", status=404)
 
 
 @require_safe
@@ -1129,6 +1538,7 @@ urlpatterns = [
     path("chat/<str:room_name>/", room, name="chat-room"),
     path("healthz", healthz, name="chat-healthz"),
 ]
+handler404 = no_such_page  # (when chat is the site: a host project has its own)
 
 # The consumer ################################################################
 
@@ -1237,8 +1647,10 @@ def message_text(content: dict) -> str:
         raise Refused("empty message")
     if len(text) > MAX_MESSAGE:
         raise Refused(f"message longer than {MAX_MESSAGE} characters")
-    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in text):
+    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in text if ch != "\n"):
         raise Refused("message contains control characters")
+    if text.count("\n") >= MAX_LINES:
+        raise Refused(f"message longer than {MAX_LINES} lines")
     if len(text.encode()) > MAX_MESSAGE_BYTES:
         raise Refused(f"message longer than {MAX_MESSAGE_BYTES} bytes of UTF-8")
     return text
@@ -1934,10 +2346,26 @@ def daphne_endpoint(sock: socket.socket, shared: bool) -> str:
     return f"tcp:port={port}:interface={interface}"
 
 
+WILDCARDS = ("0.0.0.0", "::", "")  #: hosts that mean every address: workshop mode
+
+
+def join_url(port: int) -> str:
+    """Workshop mode: the address people in the room should open (the banner's first)."""
+    return f"http://{machine_addresses()[0]}:{port}/chat/"
+
+
+@functools.cache
+def qr_code(url: str):
+    import segno  # (only in workshop mode)
+
+    return segno.make(url, error="m")
+
+
 def print_banner(host: str, port: int, workers: int = 1) -> None:
     """Where to open the chat: with a wildcard host (workshop mode), every address
-    of this machine, so that people in the room can type one in."""
-    wildcard = host in ("0.0.0.0", "::", "")
+    of this machine, so that people in the room can type one in, and a QR code of
+    the first, for phones."""
+    wildcard = host in WILDCARDS
     hosts = machine_addresses() if wildcard else [f"[{host}]" if ":" in host else host]
     for shown in hosts:
         print(f"chat.py: open http://{shown}:{port}/chat/", flush=True)
@@ -1958,6 +2386,10 @@ def print_banner(host: str, port: int, workers: int = 1) -> None:
         f" (open-file limit {files:,})",
         flush=True,
     )
+    if wildcard:
+        print(f"chat.py: people in the room can scan this to open {join_url(port)}")
+        qr_code(join_url(port)).terminal(compact=True)
+        sys.stdout.flush()
 
 
 SPARE_FILES = 50  #: open files kept for everything but client connections
@@ -2024,6 +2456,8 @@ def serve(args: argparse.Namespace, shared: socket.socket | None = None) -> None
     where to go)."""
     sock = shared or listen(args.host, args.port)
     port = sock.getsockname()[1]
+    if args.host in WILDCARDS:  # the lobby shows where to join, and its QR code
+        settings.CHAT_JOIN_URL = join_url(port)
 
     # Importing Daphne's server installs Twisted's asyncio reactor: only when serving.
     from daphne.server import Server

@@ -1,7 +1,7 @@
 """Tests for chat.py, in the order of the product: fixtures and helpers, the consumer,
 HTTP, a real server, Redis, and the browser (the Channels tutorial's own Selenium tests).
 
-    pip install -r requirements.txt pytest pytest-asyncio selenium websockets
+    pip install -r requirements.txt pytest pytest-asyncio selenium websockets uvicorn uv pillow zxing-cpp
     python -m pytest
 
 Tests that need redis-server or Chromium skip when those are missing, and fail instead
@@ -11,6 +11,8 @@ when CI=true.
 import asyncio
 import base64
 import contextlib
+import gzip
+import io
 import itertools
 import json
 import os
@@ -31,8 +33,10 @@ from urllib.parse import quote
 
 import pytest
 import pytest_asyncio
+import zxingcpp
 from channels.layers import get_channel_layer
 from channels.testing import HttpCommunicator, WebsocketCommunicator
+from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
@@ -361,6 +365,8 @@ MALFORMED = [
     ("text", '{"message": "   \\t "}'),
     ("text", '{"message": "nul \\u0000 inside"}'),
     ("text", '{"message": "lone \\ud800 surrogate"}'),
+    ("text", '{"message": "a carriage\\r return"}'),
+    ("text", json.dumps({"message": "line\n" * chat.MAX_LINES + "one too many"})),
     ("text", json.dumps({"message": "x" * (chat.MAX_MESSAGE + 1)})),
     ("text", json.dumps({"message": "\U0001f600" * (chat.MAX_MESSAGE_BYTES // 4 + 1)})),
     ("text", "[" * 100_000),
@@ -458,6 +464,15 @@ async def test_messages_carry_consecutive_ids_user_and_time(fresh_layer):
     assert {f["user"] for f in frames} == {"ana"}
     assert all(f["ts"].endswith("Z") and "T" in f["ts"] for f in frames)
     assert len({f["epoch"] for f in frames}) == 1
+    await ana.disconnect()
+
+
+@asyncio_test
+async def test_a_message_may_hold_line_breaks_up_to_max_lines(fresh_layer):
+    ana = await joined("lines", name="ana")
+    text = "\n".join(f"line {n}" for n in range(chat.MAX_LINES))
+    await ana.send_json_to({"message": text})
+    assert (await next_json(ana))["message"] == text
     await ana.disconnect()
 
 
@@ -858,7 +873,9 @@ async def test_lobby_has_the_tutorials_controls():
     assert response["status"] == 200
     for element in ('id="room-name-input"', 'id="room-name-submit"', "focus()"):
         assert element in response["text"]
-    assert "<script src" not in response["text"] and "http://" not in response["text"]
+    # Nothing from elsewhere: no script, style, font or image is fetched from another site.
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", response["text"])
+    assert "<script src" not in response["text"] and "@import" not in response["text"]
 
 
 @asyncio_test
@@ -940,6 +957,41 @@ async def test_pages_send_security_headers():
     assert headers["x-content-type-options"] == "nosniff"
     assert headers["x-frame-options"] == "DENY"
     assert headers["referrer-policy"]
+
+
+@asyncio_test
+@pytest.mark.parametrize("path", ["/chat/", "/chat/csp/", "/chat/no%20room/"])
+async def test_pages_carry_a_nonce_policy_an_icon_and_a_description(path):
+    response = await http_get(path)
+    policy = dict(
+        rule.strip().split(" ", 1)
+        for rule in response["headers"]["content-security-policy"].split(";")
+    )
+    nonce = re.search(r"'nonce-([\w-]+)'", policy["script-src"]).group(1)
+    assert policy["script-src"] == policy["style-src"] == f"'nonce-{nonce}'"
+    assert policy["default-src"] == "'none'" and policy["frame-ancestors"] == "'none'"
+    assert policy["connect-src"] == "'self' ws://127.0.0.1:8000 wss://127.0.0.1:8000"
+    page = response["text"]
+    tags = re.findall(r"<(?:script|style)\b[^>]*>", page)
+    executable = [tag for tag in tags if "application/json" not in tag]
+    assert executable and all(f'nonce="{nonce}"' in tag for tag in executable), tags
+    assert (await http_get(path))["headers"]["content-security-policy"] != policy
+    assert re.search(r'<link rel="icon" href="data:image/svg\+xml,', page)
+    assert re.search(r'<meta name="description" content="[^"]{20,}">', page)
+
+
+@asyncio_test
+async def test_pages_are_compressed():
+    response = await HttpCommunicator(
+        chat.application,
+        "GET",
+        "/chat/gzip/",
+        headers=[(b"host", b"127.0.0.1:8000"), (b"accept-encoding", b"gzip")],
+    ).get_response(timeout=TIMEOUT)
+    headers = {k.decode().lower(): v.decode() for k, v in response["headers"]}
+    assert headers["content-encoding"] == "gzip"
+    assert b'id="chat-log"' in gzip.decompress(response["body"])
+    assert len(response["body"]) < len(gzip.decompress(response["body"])) / 2
 
 
 @asyncio_test
@@ -2873,6 +2925,7 @@ def browser(chrome_driver):
         chrome_driver.close()
     chrome_driver.switch_to.window(chrome_driver.window_handles[0])
     chrome_driver.set_window_size(1200, 900)
+    chrome_driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
 
 
 def new_window(driver) -> None:
@@ -2900,7 +2953,8 @@ def test_room_shows_names_members_status_and_local_time(live_server, browser):
     assert re.search(r"^\d\d:\d\d bob: hi all$", log, re.MULTILINE), log
     assert "bob" in text_of(browser, "members")
     announced = browser.find_element(By.ID, "announcer").get_property("textContent")
-    assert announced == log.strip().splitlines()[-1], "screen readers hear each line"
+    said = [line for line in log.splitlines() if ": " in line]
+    assert announced == said[-1], "screen readers hear each new message"
 
     name_input = browser.find_element(By.ID, "name-input")
     name_input.clear()
@@ -3075,25 +3129,525 @@ def test_everything_typed_is_shown_as_text(live_server, browser):
     assert not browser.find_elements(By.CSS_SELECTOR, "img")
 
 
+# --- The page as a person sees it: styles, the transcript, scrolling, the lobby ---
+
+# Reads in the page: WCAG contrast of what is drawn, against the background under it.
+CONTRAST = """
+const rgb = (text) => text.match(/[\\d.]+/g).map(Number);
+function luminance(colour) {
+  const [r, g, b] = colour.slice(0, 3).map(function (c) {
+    c /= 255;
+    return c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4;
+  });
+  return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+}
+function contrast(a, b) {
+  const [light, dark] = [luminance(rgb(a)), luminance(rgb(b))].sort((x, y) => y - x);
+  return (light + 0.05) / (dark + 0.05);
+}
+function backgroundOf(element) {
+  for (let e = element; e; e = e.parentElement) {
+    const colour = getComputedStyle(e).backgroundColor;
+    if ((rgb(colour)[3] ?? 1) > 0) return colour;
+  }
+  return null;  // the page paints nothing: the browser's default shows
+}
+"""
+
+# Everything drawn with too little contrast: text (4.5:1, large text 3:1), placeholders
+# (4.5:1) and the borders of text boxes (3:1).
+POOR_CONTRAST = (
+    CONTRAST
+    + """
+const poor = [];
+for (const element of document.querySelectorAll('body *')) {
+  const box = element.getBoundingClientRect(), style = getComputedStyle(element);
+  if (box.width <= 1 || box.height <= 1 || style.visibility === 'hidden') continue;
+  const background = backgroundOf(element);
+  if (!background) { poor.push('no background under ' + element.tagName); continue; }
+  const large = parseFloat(style.fontSize) >= 24 ||
+    (parseFloat(style.fontSize) >= 18.66 && Number(style.fontWeight) >= 700);
+  const texts = [...element.childNodes].some((n) => n.nodeType === 3 && n.data.trim());
+  const value = element.matches('input[type=button]') ? element.value : '';
+  if ((texts || value) && contrast(style.color, background) < (large ? 3 : 4.5))
+    poor.push(element.tagName + '#' + element.id + '.' + element.className + ' text ' +
+              contrast(style.color, background).toFixed(2));
+  if (element.matches('input[type=text], textarea')) {
+    const hint = getComputedStyle(element, '::placeholder').color;
+    if (element.placeholder && contrast(hint, background) < 4.5)
+      poor.push('placeholder of #' + element.id + ' ' + contrast(hint, background).toFixed(2));
+    const around = backgroundOf(element.parentElement);
+    if (contrast(style.borderTopColor, around) < 3)
+      poor.push('border of #' + element.id + ' ' + contrast(style.borderTopColor, around).toFixed(2));
+  }
+}
+return poor;
+"""
+)
+
+
+def dark_mode(driver, on: bool = True) -> None:
+    feature = {"name": "prefers-color-scheme", "value": "dark" if on else "light"}
+    driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [feature]})
+
+
+def style_of(driver, selector: str, prop: str, pseudo: str | None = None) -> str:
+    return driver.execute_script(
+        "return getComputedStyle(document.querySelector(arguments[0]), arguments[2])"
+        ".getPropertyValue(arguments[1])",
+        selector,
+        prop,
+        pseudo,
+    )
+
+
+def test_pages_apply_their_css_in_light_and_dark(live_server, browser):
+    enter_room(browser, live_server.url, "styled", name="ana")
+    assert "system-ui" in style_of(browser, "body", "font-family")
+    assert style_of(browser, "body", "font-size") == "18px"  # large type
+    assert style_of(browser, "#members li", "content", "::before") == '"● "'
+    for on in (False, True):
+        dark_mode(browser, on)
+        painted = style_of(browser, "html", "background-color")
+        assert painted == ("rgb(20, 22, 27)" if on else "rgb(255, 255, 255)")
+
+
+def test_pages_log_no_errors_in_the_console(live_server, browser):
+    browser.get_log("browser")  # (what earlier tests left)
+    for path in ("/chat/", "/chat/console/"):
+        browser.get(live_server.url + path)
+        wait_in_browser(
+            browser,
+            lambda d: d.execute_script("return document.readyState === 'complete'"),
+        )
+    enter_room(browser, live_server.url, "console")
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == [], "console errors: CSP, favicon …"
+
+
+def test_transcript_tells_authors_own_lines_notices_and_mentions_apart(
+    live_server, browser
+):
+    enter_room(browser, live_server.url, "transcript", name="ana")
+    with live_server.websocket("transcript", name="bob") as bob:
+        wait_in_browser(browser, lambda d: "→ bob joined" in text_of(d, "chat-log"))
+        post(bob, "first")
+        post(bob, "second, a minute later at most")
+        post(bob, "@ana look")
+        say(browser, "mine")
+        wait_in_browser(browser, lambda d: "ana: mine" in text_of(d, "chat-log"))
+    wait_in_browser(browser, lambda d: "← bob left" in text_of(d, "chat-log"))
+    messages = browser.find_elements(By.CSS_SELECTOR, "#chat-log .message")
+    first, second, mention, mine = messages
+    author = first.find_element(By.CSS_SELECTOR, ".author")
+    assert (
+        author.text == "bob" and int(author.value_of_css_property("font-weight")) >= 700
+    )
+    heading = second.find_element(By.CSS_SELECTOR, ".meta").size
+    assert heading["width"] <= 1, "a second message within minutes joins the first"
+    plain = first.value_of_css_property("background-color")
+    assert mine.value_of_css_property("background-color") != plain
+    assert mention.value_of_css_property("background-color") not in (
+        plain,
+        mine.value_of_css_property("background-color"),
+    )
+    notice = browser.find_element(By.CSS_SELECTOR, "#chat-log .notice")
+    text = first.find_element(By.CSS_SELECTOR, ".text")
+    assert notice.value_of_css_property("color") != text.value_of_css_property("color")
+    assert float(notice.value_of_css_property("font-size")[:-2]) < float(
+        text.value_of_css_property("font-size")[:-2]
+    )
+    days = browser.find_elements(By.CSS_SELECTOR, "#chat-log .day")
+    assert len(days) == 1 and days[0].location["y"] < first.location["y"]
+
+
+def test_a_new_day_gets_a_line_with_its_date(live_server, browser):
+    enter_room(browser, live_server.url, "days", name="ana")
+    browser.execute_script(  # two messages a day apart, as a long-lived page sees them
+        """const day = 24 * 3600 * 1000, last = lastId;
+           handlers.message({type: 'message', id: last + 1, epoch: epoch, user: 'bob',
+                             message: 'yesterday', ts: new Date(Date.now() - day).toISOString()});
+           handlers.message({type: 'message', id: last + 2, epoch: epoch, user: 'bob',
+                             message: 'today', ts: new Date().toISOString()});"""
+    )
+    days = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#chat-log .day")]
+    assert len(days) == 2 and days[0] != days[1], days
+    lines = [
+        line.split(" ", 1)[1] for line in text_of(browser, "chat-log").splitlines()
+    ]
+    assert lines == ["bob: yesterday", "bob: today"], "date lines are not events"
+
+
+def test_name_colours_read_well_in_light_and_dark(live_server, browser):
+    enter_room(browser, live_server.url, "colours", name="reader")
+    names = [f"name{n}" for n in range(24)] + ["ana", "Зоя", "東京", "بشير"]
+    for name in names:
+        with live_server.websocket("colours", name=name) as member:
+            post(member, "hi")  # (read the history, or the close waits behind it)
+            frames_until(member, lambda f, name=name: f.get("user") == name)
+    wait_in_browser(browser, lambda d: "بشير: hi" in text_of(d, "chat-log"))
+    for on in (False, True):
+        dark_mode(browser, on)
+        ratios = browser.execute_script(
+            CONTRAST
+            + """return [...document.querySelectorAll('#chat-log .author')].map((a) =>
+                 contrast(getComputedStyle(a).color, backgroundOf(a)));"""
+        )
+        assert len(ratios) == len(names) and min(ratios) >= 4.5, (on, ratios)
+        colours = browser.execute_script(
+            """return new Set([...document.querySelectorAll('#chat-log .author')]
+                 .map((a) => getComputedStyle(a).color)).size"""
+        )
+        assert colours >= 6, "names should not all look alike"
+
+
+def test_links_are_links_and_nothing_else_is(live_server, browser):
+    enter_room(browser, live_server.url, "links", name="ana")
+    say(
+        browser,
+        "see https://example.org/Ada_(language). or http://example.com/x?y=1, "
+        "not javascript:alert(1) nor <a href=https://evil.example>this</a>",
+    )
+    wait_in_browser(browser, lambda d: "ana: see" in text_of(d, "chat-log"))
+    links = browser.find_elements(By.CSS_SELECTOR, "#chat-log .text a")
+    assert [link.get_attribute("href") for link in links] == [
+        "https://example.org/Ada_(language)",
+        "http://example.com/x?y=1",
+        "https://evil.example/",  # as text of the message, made a link: not markup
+    ]
+    assert links[2].text == "https://evil.example"
+    for link in links:
+        assert link.get_attribute("target") == "_blank"
+        assert link.get_attribute("rel") == "noopener noreferrer nofollow"
+    text = browser.find_element(By.CSS_SELECTOR, "#chat-log .message .text").text
+    assert "javascript:alert(1)" in text and "<a href=" in text
+
+
+def test_right_to_left_names_and_text_keep_their_order(live_server, browser):
+    enter_room(browser, live_server.url, "rtl", name="ana")
+    with live_server.websocket("rtl", name="بشير") as member:
+        wait_in_browser(browser, lambda d: "→ بشير joined" in text_of(d, "chat-log"))
+        post(member, "مرحبا بالجميع")
+        wait_in_browser(browser, lambda d: "مرحبا" in text_of(d, "chat-log"))
+    wait_in_browser(browser, lambda d: "← بشير left" in text_of(d, "chat-log"))
+    text = browser.find_element(By.CSS_SELECTOR, "#chat-log .message .text")
+    assert text.value_of_css_property("direction") == "rtl"
+    order = browser.execute_script(
+        """const line = [...document.querySelectorAll('#chat-log .notice')].pop();
+           const name = line.querySelector('bdi').getBoundingClientRect();
+           const range = document.createRange();
+           range.selectNodeContents(line.lastChild);  // " left"
+           return [name.right <= range.getBoundingClientRect().left,
+                   getComputedStyle(line.querySelector('bdi')).unicodeBidi];"""
+    )
+    assert order == [True, "isolate"], "the name, then ' left', left to right"
+
+
+def test_shift_enter_breaks_the_line_and_enter_sends(live_server, browser):
+    enter_room(browser, live_server.url, "lines", name="ana")
+    box = browser.find_element(By.ID, "chat-message-input")
+    one_line = box.size["height"]
+    box.send_keys("first line", Keys.SHIFT, Keys.ENTER, Keys.SHIFT, "second line")
+    assert box.get_property("value") == "first line\nsecond line"
+    assert box.size["height"] > one_line, "the box grows with its lines"
+    box.send_keys(Keys.ENTER)
+    wait_in_browser(browser, lambda d: "second line" in text_of(d, "chat-log"))
+    assert "ana: first line\nsecond line\n" in text_of(browser, "chat-log")
+    shown = browser.find_element(By.CSS_SELECTOR, "#chat-log .message .text")
+    assert shown.text == "first line\nsecond line" and shown.size["height"] > 40
+    assert box.get_property("value") == "" and box.size["height"] == one_line
+
+
+def test_enter_while_an_input_method_composes_sends_nothing(live_server, browser):
+    enter_room(browser, live_server.url, "ime", name="ana")
+    browser.find_element(By.ID, "chat-message-input").click()
+    browser.execute_cdp_cmd(
+        "Input.imeSetComposition",
+        {"text": "にほん", "selectionStart": 3, "selectionEnd": 3},
+    )
+    for kind in ("rawKeyDown", "keyUp"):  # Enter confirms the word...
+        browser.execute_cdp_cmd(
+            "Input.dispatchKeyEvent",
+            {
+                "type": kind,
+                "key": "Enter",
+                "code": "Enter",
+                "windowsVirtualKeyCode": 13,
+            },
+        )
+    browser.execute_cdp_cmd("Input.insertText", {"text": "日本"})
+    say(browser, "語")  # ...and the next Enter sends
+    wait_in_browser(browser, lambda d: "ana: 日本語" in text_of(d, "chat-log"))
+    assert text_of(browser, "chat-log").count("ana:") == 1
+
+
+def test_reading_older_lines_is_not_interrupted(live_server, browser):
+    enter_room(browser, live_server.url, "scrolling", name="ana")
+    with live_server.websocket("scrolling", name="bob") as bob:
+        for n in range(40):
+            post(bob, f"line {n}")
+        wait_in_browser(browser, lambda d: "bob: line 39" in text_of(d, "chat-log"))
+        at_bottom = "const l = document.querySelector('#chat-log'); return l.scrollHeight - l.scrollTop - l.clientHeight < 2"
+        assert browser.execute_script(at_bottom), (
+            "new lines keep a reader at the bottom"
+        )
+        browser.execute_script("document.querySelector('#chat-log').scrollTop = 100")
+        post(bob, "while you read")
+        wait_in_browser(browser, lambda d: "while you read" in text_of(d, "chat-log"))
+        button = browser.find_element(By.ID, "new-messages")
+        wait_in_browser(browser, lambda d: button.is_displayed())
+        assert (
+            browser.execute_script(
+                "return document.querySelector('#chat-log').scrollTop"
+            )
+            == 100
+        )
+        assert button.text == "1 new message ↓"
+        post(bob, "and another")
+        wait_in_browser(browser, lambda d: button.text == "2 new messages ↓")
+        frames_until(bob, lambda f: f.get("message") == "and another")  # (read all)
+        button.click()
+        assert browser.execute_script(at_bottom) and not button.is_displayed()
+
+
+def test_a_hidden_tab_counts_what_arrived_in_its_title(live_server, browser):
+    enter_room(browser, live_server.url, "unread", name="ana")
+    assert browser.title == "unread · chat"
+    browser.minimize_window()
+    wait_in_browser(browser, lambda d: d.execute_script("return document.hidden"))
+    with live_server.websocket("unread", name="bob") as bob:
+        for text in ("one", "two", "three"):
+            post(bob, text)
+        wait_in_browser(browser, lambda d: "bob: three" in text_of(d, "chat-log"))
+    assert browser.title == "(3) unread · chat"
+    browser.maximize_window()
+    wait_in_browser(browser, lambda d: d.title == "unread · chat")
+
+
+# How often the page's live regions (what a screen reader speaks) change.
+COUNT_SPOKEN = """
+window.spoken = [];
+const live = '[aria-live]:not([aria-live=off]), [role=status], [role=alert], [role=log]:not([aria-live=off])';
+new MutationObserver(function (changes) {
+  for (const change of changes) {
+    const region = (change.target.nodeType === 1 ? change.target : change.target.parentElement).closest(live);
+    if (region) spoken.push(region.id + ': ' + region.textContent);
+  }
+}).observe(document, {subtree: true, childList: true, characterData: true});
+"""
+
+
+@contextlib.contextmanager
+def script_on_every_page(driver, source: str):
+    added = driver.execute_cdp_cmd(
+        "Page.addScriptToEvaluateOnNewDocument", {"source": source}
+    )
+    try:
+        yield
+    finally:
+        driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", added)
+
+
+def test_history_is_not_read_out_but_new_messages_are(live_server, browser):
+    with live_server.websocket("spoken", name="bob") as bob:
+        for n in range(40):
+            post(bob, f"earlier {n}")
+        frames_until(bob, lambda f: f.get("message") == "earlier 39")
+        with script_on_every_page(browser, COUNT_SPOKEN):
+            enter_room(browser, live_server.url, "spoken", name="ana")
+        # History came before "connected": the page has shown all it will.
+        assert "earlier 39" in text_of(browser, "chat-log")
+        spoken = browser.execute_script("return spoken")
+        assert len(spoken) <= 2 and not any("earlier" in s for s in spoken), spoken
+        post(bob, "now")
+        wait_in_browser(
+            browser,
+            lambda d: any("bob: now" in s for s in d.execute_script("return spoken")),
+        )
+
+
+def test_lobby_updates_rooms_in_place_keeping_focus(live_server, browser):
+    with live_server.websocket("focus-a", name="a1"):
+        browser.get(live_server.url + "/chat/")
+        wait_in_browser(browser, lambda d: "focus-a — 1 online" in text_of(d, "rooms"))
+        link = browser.find_element(By.LINK_TEXT, "focus-a")
+        browser.execute_script("arguments[0].focus()", link)
+        with (
+            live_server.websocket("focus-b", name="b1"),
+            live_server.websocket("focus-b", name="b2"),
+        ):  # a busier room now comes first
+            wait_in_browser(
+                browser,
+                lambda d: re.search(
+                    "focus-b — 2.*focus-a", text_of(d, "rooms"), re.DOTALL
+                ),
+            )
+            focused = browser.switch_to.active_element
+            assert focused == link and focused.text == "focus-a"
+
+
+def test_a_bad_room_name_is_explained_beside_the_box(live_server, browser):
+    browser.get(live_server.url + "/chat/")
+    box = browser.find_element(By.ID, "room-name-input")
+    box.send_keys("my room!", Keys.ENTER)
+    error = browser.find_element(By.ID, "room-name-error")
+    wait_in_browser(browser, lambda d: error.is_displayed())
+    assert "letters, digits" in error.text
+    assert browser.current_url == live_server.url + "/chat/"
+    assert box.get_attribute("aria-invalid") == "true"
+    assert browser.switch_to.active_element == box
+    assert box.get_attribute("aria-describedby") == "room-name-error"
+    box.send_keys(Keys.BACKSPACE)
+    assert not error.is_displayed()
+
+
+def test_no_such_room_offers_the_way_back(live_server, browser):
+    browser.get(live_server.url + "/chat/my%20room!/")
+    assert browser.find_element(By.TAG_NAME, "h1").text == "No such room"
+    browser.find_element(By.LINK_TEXT, "Back to the lobby").click()
+    wait_in_browser(browser, lambda d: d.current_url == live_server.url + "/chat/")
+    assert browser.switch_to.active_element.get_attribute("id") == "room-name-input"
+
+
+@pytest.mark.parametrize("dark", [False, True], ids=["light", "dark"])
+def test_everything_drawn_has_enough_contrast(live_server, browser, dark):
+    dark_mode(browser, dark)
+    browser.get(live_server.url + "/chat/")
+    box = browser.find_element(By.ID, "room-name-input")
+    box.send_keys("bad name!", Keys.ENTER)  # the error line shows too
+    assert browser.execute_script(POOR_CONTRAST) == []
+    enter_room(browser, live_server.url, "contrast", name="ana")
+    with live_server.websocket("contrast", name="bob") as bob:
+        post(bob, "@ana see https://example.org")
+        say(browser, "mine")
+        wait_in_browser(browser, lambda d: "ana: mine" in text_of(d, "chat-log"))
+        bob.send("not json")
+        next_frame(bob, "error")
+    browser.execute_script("document.querySelector('#new-messages').hidden = false")
+    browser.execute_script(
+        "document.querySelector('#new-messages').textContent = '1 new'"
+    )
+    assert browser.execute_script(POOR_CONTRAST) == []
+    browser.get(live_server.url + "/chat/no%20such/")
+    assert browser.execute_script(POOR_CONTRAST) == []
+
+
+def test_keyboard_focus_is_visible(live_server, browser):
+    enter_room(browser, live_server.url, "keyboard", name="ana")
+    ActionChains(browser).send_keys(Keys.TAB).perform()  # from the message box
+    focused = browser.switch_to.active_element
+    assert focused.get_attribute("id") == "chat-message-submit"
+    assert focused.value_of_css_property("outline-style") == "solid"
+    assert float(focused.value_of_css_property("outline-width")[:-2]) >= 2
+
+
+def test_pages_speak_russian_to_a_russian_browser(live_server, browser):
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd(
+        "Network.setExtraHTTPHeaders",
+        {"headers": {"Accept-Language": "ru-RU,ru;q=0.9,en;q=0.5"}},
+    )
+    try:
+        browser.get(live_server.url + "/chat/")
+        assert browser.find_element(By.TAG_NAME, "h1").text == "Комнаты чата"
+        assert browser.find_element(By.TAG_NAME, "html").get_attribute("lang") == "ru"
+        browser.find_element(By.ID, "name-input").clear()
+        browser.find_element(By.ID, "name-input").send_keys("Зоя")
+        browser.find_element(By.ID, "room-name-input").send_keys(
+            "по-русски", Keys.ENTER
+        )
+        wait_in_browser(browser, lambda d: text_of(d, "status") == "вы в чате как Зоя")
+        with live_server.websocket("по-русски", name="Ива") as member:
+            wait_in_browser(browser, lambda d: "→ Ива: вход" in text_of(d, "chat-log"))
+            wait_in_browser(
+                browser, lambda d: text_of(d, "member-count") == "в сети: 2"
+            )
+            assert next_frame(member, "welcome")["message"].startswith("Welcome")
+        box = browser.find_element(By.ID, "chat-message-input")
+        assert box.get_attribute("placeholder").startswith("Сообщение")
+    finally:
+        browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {}})
+        browser.execute_cdp_cmd("Network.disable", {})
+
+
+# --- Workshop join: the address to open, and its QR code ---
+
+# segno's compact terminal code: each character is two modules, top and bottom;
+# the block's ink is the light part of the code.
+HALF_BLOCKS = {"█": (1, 1), "▀": (1, 0), "▄": (0, 1), " ": (0, 0)}
+
+
+def qr_of_terminal(text: str) -> str:
+    """What the QR code printed in a terminal says."""
+    rows = [
+        line for line in text.splitlines() if line and set(line) <= set(HALF_BLOCKS)
+    ]
+    assert rows, f"no QR code in:\n{text}"
+    image = Image.new("L", (len(rows[0]), 2 * len(rows)))
+    for y, row in enumerate(rows):
+        for x, ch in enumerate(row):
+            top, bottom = HALF_BLOCKS[ch]
+            image.putpixel((x, 2 * y), 255 * top)
+            image.putpixel((x, 2 * y + 1), 255 * bottom)
+    return qr_of_image(image.resize((image.width * 8, image.height * 8), Image.NEAREST))
+
+
+def qr_of_image(image) -> str:
+    found = zxingcpp.read_barcodes(image)
+    assert len(found) == 1, f"{len(found)} codes found"
+    return found[0].text
+
+
+def test_workshop_mode_shows_the_address_to_open_with_a_qr_code(browser):
+    server = ChatServer("--host", "0.0.0.0")
+    try:
+        address = server.urls[0] + "/chat/"  # the first one printed
+        server.wait_for_line("chat.py: people in the room can scan this")
+        wait_until(lambda: "▀" in server.text.rsplit("scan this", 1)[1], what="QR")
+        assert qr_of_terminal(server.text.rsplit("scan this", 1)[1]) == address
+        browser.get(server.url + "/chat/")  # the teacher's own screen, on loopback
+        shown = browser.find_element(By.ID, "join-url")
+        assert shown.text == address
+        assert float(shown.value_of_css_property("font-size")[:-2]) >= 24  # large
+        code = browser.find_element(By.CSS_SELECTOR, "#join svg")
+        assert code.size["width"] >= 150
+        assert qr_of_image(Image.open(io.BytesIO(code.screenshot_as_png))) == address
+        dark_mode(browser)  # the code stays dark on light, as scanners expect
+        assert qr_of_image(Image.open(io.BytesIO(code.screenshot_as_png))) == address
+    finally:
+        server.stop()
+
+
+def test_no_qr_code_without_workshop_mode(live_server, browser):
+    browser.get(live_server.url + "/chat/")
+    assert not browser.find_elements(By.ID, "join")
+    assert "scan this" not in live_server.text
+
+
 def test_screenshot_of_two_windows_chatting(live_server, browser, tmp_path):
     """The README's picture: two windows side by side. Refresh it with
     `CHAT_SCREENSHOT=.github/screenshot.png python -m pytest -k screenshot`."""
-    for window, (name, line) in enumerate(
-        [("ana", "Hi! Can everyone read this?"), ("bob", "Loud and clear.")]
-    ):
-        if window:
+    windows = []
+    for name in ("ana", "bob"):
+        if windows:
             new_window(browser)
-        browser.set_window_size(560, 640)
+        browser.set_window_size(560, 720)
         enter_room(browser, live_server.url, "workshop", name=name)
-        wait_in_browser(
-            browser, lambda d, name=name: f"{name} joined" in text_of(d, "chat-log")
-        )
+        windows.append(browser.current_window_handle)
+    wait_in_browser(browser, lambda d: text_of(d, "member-count") == "2 online:")
+    for window, line in [
+        (0, "Hi! Can everyone read this?"),
+        (1, "Loud and clear."),
+        (1, "The slides: https://example.org/slides"),
+        (0, "@bob thanks!"),
+    ]:
+        browser.switch_to.window(windows[window])
         say(browser, line)
         wait_in_browser(browser, lambda d, line=line: line in text_of(d, "chat-log"))
     shots = []
-    for handle in browser.window_handles:
+    for handle in windows:
         browser.switch_to.window(handle)
-        wait_in_browser(browser, lambda d: "Loud and clear." in text_of(d, "chat-log"))
+        wait_in_browser(browser, lambda d: "@bob thanks!" in text_of(d, "chat-log"))
         wait_in_browser(browser, lambda d: not text_of(d, "typing"))  # (it fades)
         shots.append(browser.get_screenshot_as_base64())
     # Composed on a blank page: the room's Content-Security-Policy forbids data: URLs.
@@ -3102,6 +3656,25 @@ def test_screenshot_of_two_windows_chatting(live_server, browser, tmp_path):
     png = base64.b64decode(side_by_side.split(",", 1)[1])
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     Path(os.environ.get("CHAT_SCREENSHOT") or tmp_path / "two.png").write_bytes(png)
+
+
+def test_screenshot_of_a_phone_in_dark_mode(live_server, browser, tmp_path):
+    """The README's second picture. Refresh it with
+    `CHAT_PHONE_SCREENSHOT=.github/phone-dark.png python -m pytest -k screenshot`."""
+    browser.set_window_size(390, 780)
+    dark_mode(browser)
+    enter_room(browser, live_server.url, "phone-dark", name="Зоя")
+    with live_server.websocket("phone-dark", name="بشير") as other:
+        wait_in_browser(browser, lambda d: "بشير" in text_of(d, "members"))
+        post(other, "مرحبا! Hello from a phone")
+        post(other, "@Зоя the room list: https://example.org/rooms")
+        say(browser, "Привет! Dark mode, large type.")
+        wait_in_browser(browser, lambda d: "Привет" in text_of(d, "chat-log"))
+    png = browser.get_screenshot_as_png()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    Path(os.environ.get("CHAT_PHONE_SCREENSHOT") or tmp_path / "phone.png").write_bytes(
+        png
+    )
 
 
 SIDE_BY_SIDE = """
