@@ -1285,6 +1285,9 @@ class RedisRooms:
         }
         self.local: dict[str, dict[str, str]] = {}  # room -> our members -> their entry
         self.keeper: asyncio.Task | None = None
+        self.lobby: list[tuple[str, int]] = []  # what the lobby showed last...
+        self.lobby_until = 0.0  # ...until then (time.monotonic())
+        self.lobby_lock = asyncio.Lock()
 
     @staticmethod
     def prefix(name: str) -> str:
@@ -1362,10 +1365,25 @@ class RedisRooms:
         return Presence(count, [entry.split("\n", 1)[1] for entry in entries])
 
     async def active(self) -> list[tuple[str, int]]:
-        """The busiest rooms, their counts checked (a process may have died)."""
-        busiest = await self.redis.zrevrange("chat:busy", 0, LOBBY_SIZE - 1)
-        counts = [(await self.presence(name)).count for name in busiest]
-        return [(name, count) for name, count in zip(busiest, counts) if count]
+        """The lobby's list, read from Redis at most once per LOBBY_REFRESH for all
+        of this process's viewers: open lobbies cost Redis per process, not per page."""
+        async with self.lobby_lock:
+            if time.monotonic() >= self.lobby_until:
+                self.lobby = await self.busiest()
+                self.lobby_until = time.monotonic() + LOBBY_REFRESH
+        return self.lobby
+
+    async def busiest(self) -> list[tuple[str, int]]:
+        """The rooms with most members, counting those still kept alive (a process
+        may have died): two round trips. Rooms found empty leave the list."""
+        names = await self.redis.zrevrange("chat:busy", 0, LOBBY_SIZE - 1)
+        async with self.redis.pipeline(transaction=False) as counting:
+            for name in names:
+                counting.zcount(self.keys(name)[2], time.time(), "+inf")
+            counts = await counting.execute()
+        if empty := [name for name, count in zip(names, counts) if not count]:
+            await self.redis.zrem("chat:busy", *empty)
+        return [(name, count) for name, count in zip(names, counts) if count]
 
     async def keep_members_alive(self) -> None:
         """Renew this process's members: a process that dies stops renewing, and

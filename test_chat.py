@@ -10,8 +10,10 @@ when CI=true.
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import gzip
+import http.client
 import io
 import itertools
 import json
@@ -28,11 +30,13 @@ import time
 import unittest
 import urllib.error
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 import pytest_asyncio
+import redis
 import zxingcpp
 from channels.layers import get_channel_layer
 from channels.testing import HttpCommunicator, WebsocketCommunicator
@@ -1909,6 +1913,59 @@ def test_the_lobby_lists_busy_rooms_whatever_happened_since(redis_server):
         server.stop()
 
 
+def redis_calls(url: str) -> Counter:
+    """How many times the Redis at `url` has run each command (inside scripts too)."""
+    stats = redis.Redis.from_url(url).info("commandstats")
+    return Counter(
+        {name.removeprefix("cmdstat_"): s["calls"] for name, s in stats.items()}
+    )
+
+
+def poll_lobby(port: int, source: str, times: int, every: float) -> list[dict]:
+    """A lobby page left open, polling rooms.json from a loopback `source` address."""
+    lobby = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    lobby.source_address = (source, 0)
+    seen = []
+    for _ in range(times):
+        lobby.request("GET", "/chat/rooms.json", headers={"Host": f"127.0.0.1:{port}"})
+        seen.append(json.loads(lobby.getresponse().read()))
+        time.sleep(every)
+    lobby.close()
+    return seen
+
+
+def test_open_lobbies_cost_redis_per_process_not_per_page(redis_server):
+    server = ChatServer("--redis", redis_server, "--rate-limit", "0")
+    try:
+        members = [server.websocket(f"lobby-{n}", name="ana") for n in range(3)]
+        for member in members:
+            next_frame(member, "welcome")
+        before = redis_calls(redis_server)
+        started = time.monotonic()
+        # 500 open lobbies polling every 3 s (LOBBY_REFRESH), from 50 addresses.
+        with concurrent.futures.ThreadPoolExecutor(50) as pool:
+            answers = [
+                pool.submit(poll_lobby, port_of(server), f"127.0.0.{n + 2}", 20, 0.3)
+                for n in range(50)
+            ]
+            answers = [answer for done in answers for answer in done.result()]
+        seconds = time.monotonic() - started
+        calls = redis_calls(redis_server) - before
+        calls["info"] -= 1  # (ours)
+        assert len(answers) == 1000
+        listed = sorted(answers[-1]["rooms"], key=lambda room: room["name"])
+        assert listed == [{"name": f"lobby-{n}", "count": 1} for n in range(3)]
+        # The lobby: a list and a count of each room, once per LOBBY_REFRESH...
+        refreshes = seconds // chat.LOBBY_REFRESH + 1
+        assert calls["zrevrange"] <= refreshes and calls["zcount"] <= 3 * refreshes
+        # ...and everything Redis ran meanwhile, the process's keep-alive included.
+        assert calls.total() <= 10 * seconds, (calls, seconds)
+        for member in members:
+            member.close()
+    finally:
+        server.stop()
+
+
 def from_address(server, source: str, room: str, **query):
     """A WebSocket to `server` from another loopback address of this machine."""
     port = port_of(server)
@@ -2662,8 +2719,13 @@ def test_the_chat_inside_a_host_project_from_the_readme(tmp_path, how, layer, re
             assert next_frame(ana, "welcome")["user"] == "ana"
             post(ana, "hello, host")
             assert next_frame(ana)["message"] == "hello, host"
-            rooms = get_json(url + "/chat/rooms.json")["rooms"]
-            assert {"name": "hosted", "count": 1} in rooms
+            wait_until(  # (on Redis the lobby's list is a few seconds old at most)
+                lambda: (
+                    {"name": "hosted", "count": 1}
+                    in get_json(url + "/chat/rooms.json")["rooms"]
+                ),
+                what="the room in the lobby's list",
+            )
         with connect(url.replace("http", "ws") + "/ws/echo/", origin=url) as echo:
             echo.send("hi")
             assert echo.recv(timeout=TIMEOUT) == "echo: hi"
