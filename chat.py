@@ -1015,6 +1015,17 @@ class Presence:
     names: list[str]  # at most MAX_LISTED of them
 
 
+@dataclass
+class Arrival:
+    """What a member learns on entering a room (rooms().enter)."""
+
+    epoch: str
+    last_id: int
+    missed: list[dict]  # the kept messages after the member's `since`
+    name: str  # the name it got
+    presence: Presence
+
+
 def unused_name(nickname: str, taken) -> str:
     """The nickname, or "nickname (2)", "(3)"...: the first no one in the room has,
     so that nobody can pass for someone else by name."""
@@ -1094,12 +1105,17 @@ class MemoryRooms:
         room = self.room(name)
         return room.epoch, room.last_id
 
-    async def recent(self, name: str, since: int, epoch: str) -> tuple[str, int, list]:
-        """The room's epoch, its last id, and its kept messages after `since` (all
-        of them if `epoch` is another numbering's)."""
+    async def enter(
+        self, name: str, since: int, epoch: str, member: str, nickname: str
+    ) -> Arrival:
+        """Into the room: its epoch and last id, its kept messages after `since`
+        (all of them if `epoch` is another numbering's), the name the member got,
+        and who is here."""
         room = self.room(name)
         since = 0 if epoch and epoch != room.epoch else since
-        return room.epoch, room.last_id, room.events(since + 1, room.last_id)
+        missed = room.events(since + 1, room.last_id)
+        nickname, presence = await self.join(name, member, nickname)
+        return Arrival(room.epoch, room.last_id, missed, nickname, presence)
 
     async def between(self, name: str, first: int, last: int) -> list[dict]:
         return self.room(name).events(first, last)
@@ -1114,14 +1130,13 @@ class MemoryRooms:
         self.forget_rooms()
         return nickname, await self.presence(name)
 
-    async def leave(self, name: str, member: str, nickname: str) -> Presence:
+    async def leave(self, name: str, member: str, nickname: str) -> None:
         room = self.room(name)
         if room.members.get(nickname) == member:
             del room.members[nickname]
             self.resize(room, -ENTRY_BYTES - len(nickname.encode()))
             if not room.members:
                 self.unoccupied[name] = self.occupied.pop(name)
-        return await self.presence(name)
 
     async def rename(
         self, name: str, member: str, old: str, nickname: str
@@ -1230,21 +1245,24 @@ class RedisRooms:
         return redis.call('HMGET', KEYS[1], 'epoch', 'last_id')
     """
     )
-    # A member joins under the first of "name", "name (2)"... no one else has.
-    JOIN = """
-        local name, n = ARGV[2], 1
-        while true do
-            local owner = redis.call('HGET', KEYS[2], name)
-            if not owner or owner == ARGV[1] then break end
-            n = n + 1
-            name = ARGV[2] .. ' (' .. n .. ')'
+    # A member takes the first of "name", "name (2)"... that no one else has.
+    CLAIM = """
+        local function claim(members, names, member, nickname, expiry, idle)
+            local name, n = nickname, 1
+            while true do
+                local owner = redis.call('HGET', names, name)
+                if not owner or owner == member then break end
+                n = n + 1
+                name = nickname .. ' (' .. n .. ')'
+            end
+            redis.call('HSET', names, name, member)
+            redis.call('ZADD', members, expiry, member .. '\\n' .. name)
+            redis.call('EXPIRE', members, idle)
+            redis.call('EXPIRE', names, idle)
+            return name
         end
-        redis.call('HSET', KEYS[2], name, ARGV[1])
-        redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1] .. '\\n' .. name)
-        redis.call('EXPIRE', KEYS[1], ARGV[4])
-        redis.call('EXPIRE', KEYS[2], ARGV[4])
-        return name
     """
+    JOIN = CLAIM + "return claim(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4])"
     LEAVE = """
         redis.call('ZREM', KEYS[1], ARGV[1] .. '\\n' .. ARGV[2])
         if redis.call('HGET', KEYS[2], ARGV[2]) == ARGV[1] then
@@ -1253,25 +1271,55 @@ class RedisRooms:
     """
     # A room's members: those expired are removed and returned, so that exactly one
     # process announces each; the count goes to the lobby's rooms by member count.
-    PRESENCE = """
-        local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 500)
-        if #gone > 0 then redis.call('ZREM', KEYS[1], unpack(gone)) end
-        for _, entry in ipairs(gone) do
-            local member, name = string.match(entry, '^(.-)\\n(.*)$')
-            if redis.call('HGET', KEYS[3], name) == member then
-                redis.call('HDEL', KEYS[3], name)
+    PRESENT = """
+        local function present(members, busy, names, now, room, listed, idle)
+            local gone = redis.call('ZRANGEBYSCORE', members, '-inf', now, 'LIMIT', 0, 500)
+            if #gone > 0 then redis.call('ZREM', members, unpack(gone)) end
+            for _, entry in ipairs(gone) do
+                local member, name = string.match(entry, '^(.-)\\n(.*)$')
+                if redis.call('HGET', names, name) == member then
+                    redis.call('HDEL', names, name)
+                end
             end
+            local count = redis.call('ZCARD', members)
+            if count > 0 then
+                redis.call('ZADD', busy, count, room)
+                redis.call('EXPIRE', members, idle)
+                redis.call('EXPIRE', busy, idle)
+            else
+                redis.call('ZREM', busy, room)
+            end
+            return {gone, count, redis.call('ZRANGE', members, 0, listed - 1)}
         end
-        local count = redis.call('ZCARD', KEYS[1])
-        if count > 0 then
-            redis.call('ZADD', KEYS[2], count, ARGV[2])
-            redis.call('EXPIRE', KEYS[1], ARGV[4])
-            redis.call('EXPIRE', KEYS[2], ARGV[4])
-        else
-            redis.call('ZREM', KEYS[2], ARGV[2])
-        end
-        return {gone, count, redis.call('ZRANGE', KEYS[1], 0, ARGV[3] - 1)}
     """
+    PRESENCE = (
+        PRESENT
+        + """
+        return present(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+    """
+    )
+    # Entering a room in one round trip: its position (a room that starts here is
+    # counted), what the member missed, its name, and who is here.
+    ENTER = (
+        BUDGET
+        + CLAIM
+        + PRESENT
+        + """
+        local room, history, members, names, busy = unpack(KEYS)
+        local bytes = started(room, ARGV[1], ARGV[4])
+        count(ARGV[3], bytes, tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[2])
+        redis.call('EXPIRE', room, ARGV[2])
+        redis.call('EXPIRE', history, ARGV[2])
+        local position = redis.call('HMGET', room, 'epoch', 'last_id')
+        local epoch, last_id = position[1], tonumber(position[2]) or 0
+        local since = tonumber(ARGV[7])
+        if ARGV[8] ~= '' and ARGV[8] ~= epoch then since = 0 end  -- another numbering's
+        local missed = redis.call('ZRANGEBYSCORE', history, since + 1, last_id)
+        local name = claim(members, names, ARGV[9], ARGV[10], ARGV[11], ARGV[2])
+        local here = present(members, busy, names, ARGV[5], ARGV[12], ARGV[13], ARGV[2])
+        return {epoch, last_id, missed, name, here}
+    """
+    )
 
     def __init__(self, url: str):
         import redis.asyncio
@@ -1281,7 +1329,7 @@ class RedisRooms:
         )
         self.scripts = {
             script: self.redis.register_script(getattr(self, script))
-            for script in ("POST", "POSITION", "JOIN", "LEAVE", "PRESENCE")
+            for script in ("POST", "POSITION", "ENTER", "JOIN", "LEAVE", "PRESENCE")
         }
         self.local: dict[str, dict[str, str]] = {}  # room -> our members -> their entry
         self.keeper: asyncio.Task | None = None
@@ -1316,10 +1364,19 @@ class RedisRooms:
         epoch, last_id = await self.scripts["POSITION"](keys=[room, history], args=args)
         return epoch, int(last_id or 0)
 
-    async def recent(self, name: str, since: int, epoch: str) -> tuple[str, int, list]:
-        room_epoch, last_id = await self.position(name)
-        since = 0 if epoch and epoch != room_epoch else since
-        return room_epoch, last_id, await self.between(name, since + 1, last_id)
+    async def enter(
+        self, name: str, since: int, epoch: str, member: str, nickname: str
+    ) -> Arrival:
+        """One round trip: see MemoryRooms.enter."""
+        args = [new_epoch(), ROOM_IDLE, self.prefix(name), ROOM_BYTES, *self.budget()]
+        args += [since, epoch, member, nickname, time.time() + MEMBER_TTL]
+        args += [name, MAX_LISTED]
+        room_epoch, last_id, missed, nickname, here = await self.scripts["ENTER"](
+            keys=[*self.keys(name), "chat:busy"], args=args
+        )
+        self.now_here(name, member, nickname)
+        missed = [message_event(json.loads(entry)) for entry in missed]
+        return Arrival(room_epoch, last_id, missed, nickname, self.present(name, *here))
 
     async def between(self, name: str, first: int, last: int) -> list[dict]:
         kept = await self.redis.zrange(self.keys(name)[1], first, last, byscore=True)
@@ -1330,12 +1387,17 @@ class RedisRooms:
         keys = self.keys(name)[2:]
         args = [member, nickname, time.time() + MEMBER_TTL, ROOM_IDLE]
         nickname = await self.scripts["JOIN"](keys=keys, args=args)
+        self.now_here(name, member, nickname)
+        return nickname, await self.presence(name)
+
+    def now_here(self, name: str, member: str, nickname: str) -> None:
+        """A member of this process, kept alive by it (keep_members_alive)."""
         self.local.setdefault(name, {})[member] = f"{member}\n{nickname}"
         if self.keeper is None:
             self.keeper = asyncio.create_task(self.keep_members_alive())
-        return nickname, await self.presence(name)
 
-    async def leave(self, name: str, member: str, nickname: str) -> Presence:
+    async def leave(self, name: str, member: str, nickname: str) -> None:
+        """One round trip; the news of it counts who is left (send_news)."""
         ours = self.local.get(name, {})
         entry = ours.pop(member, None)
         if not ours:
@@ -1344,7 +1406,6 @@ class RedisRooms:
             await self.scripts["LEAVE"](
                 keys=self.keys(name)[2:], args=[member, nickname]
             )
-        return await self.presence(name)
 
     async def rename(
         self, name: str, member: str, old: str, nickname: str
@@ -1357,9 +1418,14 @@ class RedisRooms:
         dropped, and announced as gone."""
         _, _, members, names = self.keys(name)
         args = [time.time(), name, MAX_LISTED, ROOM_IDLE]
-        gone, count, entries = await self.scripts["PRESENCE"](
+        here = await self.scripts["PRESENCE"](
             keys=[members, "chat:busy", names], args=args
         )
+        return self.present(name, *here)
+
+    @staticmethod
+    def present(name: str, gone: list, count: int, entries: list) -> Presence:
+        """What PRESENT said: who is here, and who is gone (announced here)."""
         for entry in gone:
             announce(name, "leave", entry.split("\n", 1)[1])
         return Presence(count, [entry.split("\n", 1)[1] for entry in entries])
@@ -1763,10 +1829,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self.accept()
         open_sockets.add(self)
         await enter_hub(self)
-        await self.send_history(since, epoch)
-        self.user, presence = await rooms().join(
-            self.room_name, self.member_id, self.user
+        arrival = await rooms().enter(
+            self.room_name, since, epoch, self.member_id, self.user
         )
+        self.user, presence = arrival.name, arrival.presence
+        await self.send_history(arrival)
         last_id = self.next_id - 1
         welcome = welcome_frame(
             self.room_name, self.user, presence, self.epoch, last_id
@@ -1781,12 +1848,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             f" ({presence.count} here)"
         )
 
-    async def send_history(self, since: int, epoch: str) -> None:
+    async def send_history(self, arrival: Arrival) -> None:
         """Replay what the member missed, then expect the message after it."""
-        self.epoch, last_id, missed = await rooms().recent(self.room_name, since, epoch)
-        for event in missed:
+        self.epoch = arrival.epoch
+        for event in arrival.missed:
             await self.send(text_data=event["text"])
-        self.next_id = max([last_id] + [event["id"] for event in missed]) + 1
+        self.next_id = max([arrival.last_id] + [e["id"] for e in arrival.missed]) + 1
 
     async def disconnect(self, close_code):
         await self.leave_room(CLOSE_REASONS.get(close_code, f"code {close_code}"))

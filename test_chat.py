@@ -20,6 +20,7 @@ import json
 import os
 import queue
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -1962,6 +1963,68 @@ def test_open_lobbies_cost_redis_per_process_not_per_page(redis_server):
         assert calls.total() <= 10 * seconds, (calls, seconds)
         for member in members:
             member.close()
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def redis_monitor(url: str):
+    """The commands the Redis at `url` gets from its clients meanwhile (not those its
+    scripts run): one per round trip of a client that does not pipeline. `.upto()`
+    returns those received so far, and starts afresh."""
+    monitor = redis.Redis.from_url(url).monitor()
+    connection = monitor.__enter__()  # (MONITOR is on when this returns)
+    seen: queue.Queue[str] = queue.Queue()
+
+    def read():
+        with contextlib.suppress(Exception):  # (until the connection closes)
+            while True:
+                command = connection.next_command()
+                if command["client_type"] != "lua":
+                    seen.put(command["command"])
+
+    threading.Thread(target=read, daemon=True).start()
+    marker = redis.Redis.from_url(url)
+
+    def upto() -> list[str]:
+        token = secrets.token_hex(8)
+        marker.echo(token)
+        commands = []
+        while (command := seen.get(timeout=TIMEOUT)) != f"ECHO {token}":
+            commands.append(command.split()[0].upper())
+        return commands
+
+    try:
+        yield upto
+    finally:
+        monitor.__exit__(None, None, None)
+
+
+def test_a_connect_costs_redis_one_round_trip_and_a_leave_one(redis_server):
+    server = ChatServer("--redis", redis_server, "--rate-limit", "0")
+    uri = server.url.replace("http", "ws") + "/ws/chat/trips/?name="
+    try:
+        with (
+            server.websocket("trips", name="watcher") as watcher,
+            redis_monitor(redis_server) as commands,
+        ):
+            next_frame(watcher, "welcome")
+            commands()  # (what came before)
+            with contextlib.ExitStack() as members:
+                for n in range(30):
+                    member = connect(uri + f"m{n}", origin=server.url, max_queue=None)
+                    next_frame(members.enter_context(member), "welcome")
+                frames_until(watcher, lambda f: "m29" in f.get("users", []))
+                arriving = commands()
+            frames_until(watcher, lambda f: f["type"] == "leave" and f["count"] == 1)
+            leaving = commands()
+        # Entering is one script, leaving another. The news of arrivals and departures
+        # (a count and a publish) goes out for many at once, and the keep-alive may
+        # take a round meanwhile. (Not counted: opening a Redis connection.)
+        setup = {"HELLO", "PING", "SCRIPT", "CLIENT", "SELECT"}
+        for trips in (arriving, leaving):
+            trips = [command for command in trips if command not in setup]
+            assert len(trips) <= 30 + 6, Counter(trips)
     finally:
         server.stop()
 
