@@ -188,13 +188,17 @@ def watch_redis() -> None:
 
     STORE_ERRORS = (redis.RedisError, OSError)
     OUTAGES = (redis.ConnectionError, redis.TimeoutError, OSError)
-    # Its receiver logs a traceback a second while Redis is down; the keeper
-    # (RedisRooms) reports the outage in one line and closes the rooms.
-    logging.getLogger("channels_redis.pubsub").addFilter(is_not_an_outage)
+    logging.getLogger("channels_redis.pubsub").addFilter(notice_outage)
 
 
-def is_not_an_outage(record: logging.LogRecord) -> bool:
-    return not (record.exc_info and isinstance(record.exc_info[1], OUTAGES))
+def notice_outage(record: logging.LogRecord) -> bool:
+    """channels-redis's pub/sub receiver logs a traceback a second while Redis is
+    down. The first tells of the outage at once: the rooms close (4503, "try
+    again") and their pages come back when Redis does. The tracebacks are left out."""
+    if record.exc_info and isinstance(record.exc_info[1], OUTAGES):
+        close_rooms(record.exc_info[1])
+        return False
+    return True
 
 
 def knob(name: str, default):
@@ -1453,35 +1457,46 @@ class RedisRooms:
 
     async def keep_members_alive(self) -> None:
         """Renew this process's members: a process that dies stops renewing, and
-        its members fade away. Each round also checks that every room's hub is up
-        to date, and closes the rooms when Redis fails (pub/sub would just wait)."""
+        its members fade away. Each round also drops the members of vanished
+        processes and checks that every room's hub is up to date."""
         while True:
             await asyncio.sleep(MEMBER_TTL / 3)
             try:
-                for name in list(self.local):
-                    await self.keep_room(name)
+                await self.keep_rooms()
             except OUTAGES as error:
-                for hub in list(hubs.values()):
-                    await hub.close_room(error)
+                close_rooms(error)
 
-    async def keep_room(self, name: str) -> None:
-        """One room's round. Members come and go meanwhile: only those still here
-        are renewed. An error that is not an outage stays this room's."""
-        try:
-            entries = list(self.local.get(name, {}).values())
-            if entries:
-                expiry = time.time() + MEMBER_TTL
-                await self.redis.zadd(
-                    self.keys(name)[2], dict.fromkeys(entries, expiry)
-                )
-            await self.presence(name)
+    ROUND = 5  #: commands a room takes in a keep-alive round
+
+    async def keep_rooms(self) -> None:
+        """One round for all of this process's rooms: one pipelined round trip,
+        however many rooms. An error that is not an outage stays its room's."""
+        from redis.exceptions import NoScriptError
+
+        names, now = list(self.local), time.time()
+        async with self.redis.pipeline(transaction=False) as round_trip:
+            for name in names:
+                room, history, members, member_names = self.keys(name)
+                entries = self.local[name].values()
+                round_trip.zadd(members, dict.fromkeys(entries, now + MEMBER_TTL))
+                keys = [members, "chat:busy", member_names]
+                presence = self.scripts["PRESENCE"].sha
+                round_trip.evalsha(presence, 3, *keys, now, name, MAX_LISTED, ROOM_IDLE)
+                round_trip.expire(room, ROOM_IDLE).expire(history, ROOM_IDLE)
+                round_trip.hget(room, "last_id")
+            results = await round_trip.execute(raise_on_error=False)
+        if any(isinstance(r, NoScriptError) for r in results):  # a restarted Redis
+            await self.redis.script_load(self.PRESENCE)
+            return await self.keep_rooms()
+        for n, name in enumerate(names):
+            ours = results[n * self.ROUND : (n + 1) * self.ROUND]
+            if error := next((r for r in ours if isinstance(r, Exception)), None):
+                print(f"chat.py: room {name}: Redis said: {error}", file=sys.stderr)
+                continue
+            _, here, _, _, last_id = ours
+            self.present(name, *here)
             if name in hubs:
-                _, last_id = await self.position(name)
-                await hubs[name].catch_up(last_id)
-        except OUTAGES:
-            raise
-        except STORE_ERRORS as error:
-            print(f"chat.py: room {name}: Redis said: {error}", file=sys.stderr)
+                await hubs[name].catch_up(int(last_id or 0))
 
 
 @functools.cache
@@ -2058,6 +2073,12 @@ class RoomHub:
 
 
 hubs: dict[str, RoomHub] = {}
+
+
+def close_rooms(error: Exception) -> None:
+    """Redis is gone: every room here closes (pub/sub alone would just wait)."""
+    for hub in list(hubs.values()):
+        spawn(hub.close_room(error))
 
 
 async def enter_hub(member: ChatConsumer) -> None:

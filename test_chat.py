@@ -1699,10 +1699,14 @@ def test_redis_outage_closes_sockets_then_the_chat_recovers():
         with server.websocket("outage", name="ana") as ana:
             next_frame(ana, "welcome")
             redis_server.stop()
+            gone = time.monotonic()
             with pytest.raises(ConnectionClosed) as closed:
                 while True:
                     ana.recv(timeout=TIMEOUT)
             assert closed.value.rcvd.code == chat.CLOSE_UNAVAILABLE
+            # A member that does not post learns it at once (pub/sub noticed), not
+            # at the keep-alive's next round.
+            assert time.monotonic() - gone < 2
         wait_until(
             lambda: "ana left 'outage': Redis unavailable" in server.text,
             what="the departure and its reason in the log",
