@@ -152,6 +152,21 @@ def own_host_names() -> list[str]:
     return ["localhost", hostname, f"{hostname}.local", *machine_addresses()]
 
 
+def sentinel_of(redis_url: str) -> tuple[list[tuple[str, int]], str, int] | None:
+    """A Redis that Sentinel keeps: redis+sentinel://HOST:PORT,HOST:PORT/MASTER/DB
+    names its sentinels, the master's name and the database (redis-py has no such
+    URL). None for any other URL."""
+    parts = urlsplit(redis_url)
+    if parts.scheme != "redis+sentinel":
+        return None
+    sentinels = []
+    for address in parts.netloc.split(","):
+        host, _, port = address.rpartition(":")  # (port 26379 unless given)
+        sentinels.append((host.strip("[]"), int(port)) if host else (address, 26379))
+    master, _, db = parts.path.strip("/").partition("/")
+    return sentinels, master, int(db or 0)
+
+
 def channel_layers(redis_url: str | None) -> dict:
     """Channels' in-process layer by default (RoomLayer, below, a small subclass);
     channels-redis when given a Redis URL."""
@@ -163,8 +178,11 @@ def channel_layers(redis_url: str | None) -> dict:
         # which takes from the history whatever pub/sub dropped. Half the CPU and
         # latency of RedisChannelLayer's per-channel queues, measured (README).
         backend = {"BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer"}
-        hosts = [{"address": redis_url, **REDIS_OPTIONS}]
-        backend["CONFIG"] = {"hosts": hosts}
+        host = {"address": redis_url}
+        if sentinel := sentinel_of(redis_url):
+            sentinels, master, db = sentinel
+            host = {"sentinels": sentinels, "master_name": master, "db": db}
+        backend["CONFIG"] = {"hosts": [{**host, **REDIS_OPTIONS}]}
     return {"default": backend}
 
 
@@ -1326,11 +1344,7 @@ class RedisRooms:
     )
 
     def __init__(self, url: str):
-        import redis.asyncio
-
-        self.redis = redis.asyncio.Redis.from_url(
-            url, decode_responses=True, **REDIS_OPTIONS
-        )
+        self.redis = redis_client(url, decode_responses=True, **REDIS_OPTIONS)
         self.scripts = {
             script: self.redis.register_script(getattr(self, script))
             for script in ("POST", "POSITION", "ENTER", "JOIN", "LEAVE", "PRESENCE")
@@ -1497,6 +1511,24 @@ class RedisRooms:
             self.present(name, *here)
             if name in hubs:
                 await hubs[name].catch_up(int(last_id or 0))
+
+
+def redis_client(url: str, asynchronous: bool = True, **options):
+    """A redis-py client for a Redis URL, or for the master its sentinels name."""
+    import redis.asyncio
+    import redis.asyncio.sentinel
+    import redis.sentinel
+
+    if not (sentinel := sentinel_of(url)):
+        return (redis.asyncio.Redis if asynchronous else redis.Redis).from_url(
+            url, **options
+        )
+    sentinels, master, db = sentinel
+    kind = redis.asyncio.sentinel if asynchronous else redis.sentinel
+    asking = {key: value for key, value in options.items() if key.startswith("socket")}
+    return kind.Sentinel(sentinels, sentinel_kwargs=asking).master_for(
+        master, db=db, **options
+    )
 
 
 @functools.cache
@@ -2418,14 +2450,14 @@ def fail(message: str) -> None:
 
 
 def check_redis(redis_url: str) -> None:
-    import redis
-
     try:
-        redis.Redis.from_url(
-            redis_url, socket_connect_timeout=3, socket_timeout=3
-        ).ping()
+        client = redis_client(
+            redis_url, asynchronous=False, socket_connect_timeout=3, socket_timeout=3
+        )
+        client.ping()
     except (*STORE_ERRORS, ValueError) as error:
-        fail(f"cannot reach Redis at {redis_url}: {error}")
+        why = str(error).split(" : <")[0]  # (a sentinel's error ends with a long repr)
+        fail(f"cannot reach Redis at {redis_url}: {why}")
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unittest
@@ -201,12 +202,18 @@ def redis_server():
 
 
 class RedisServer(Process):
-    def __init__(self, port: int | None = None):
+    """redis-server on loopback; `config` (a file, for a sentinel) and `extra` flags
+    are its own."""
+
+    def __init__(self, port: int | None = None, config: str = "", *extra: str):
         self.port = port or free_port()
         program = need("redis-server")
         super().__init__(
-            [program, "--port", str(self.port), "--bind", "127.0.0.1"]
-            + ["--save", "", "--appendonly", "no"]
+            [program, *([config] if config else [])]
+            + ["--port", str(self.port), "--bind", "127.0.0.1"]
+            + ["--save", "", "--appendonly", "no", *extra]
+            # (a replica writes what it gets to disk: not into the next one's start)
+            + ["--dir", tempfile.mkdtemp(prefix="chat-redis-")]
         )
         self.url = f"redis://127.0.0.1:{self.port}/0"
         wait_until(self.answers, what=f"redis-server on port {self.port}")
@@ -1138,6 +1145,7 @@ def test_taken_port_is_one_clear_line_and_exit_1(live_server):
         ["--bogus"],
         ["--port", "eighty"],
         ["--redis", "redis://127.0.0.1:1/0"],
+        ["--redis", "redis+sentinel://127.0.0.1:1/chat/0"],  # no sentinel there
         ["--workers", "2"],  # without Redis, workers could not share rooms
     ],
 )
@@ -2031,6 +2039,96 @@ def test_a_connect_costs_redis_one_round_trip_and_a_leave_one(redis_server):
             assert len(trips) <= 30 + 6, Counter(trips)
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        (
+            "redis+sentinel://127.0.0.1:26379,127.0.0.2:26380/chat/1",
+            ([("127.0.0.1", 26379), ("127.0.0.2", 26380)], "chat", 1),
+        ),
+        (
+            "redis+sentinel://sentinel.local/chat",
+            ([("sentinel.local", 26379)], "chat", 0),
+        ),
+        ("redis+sentinel://[::1]:26381/chat/0", ([("::1", 26381)], "chat", 0)),
+        ("redis://127.0.0.1:6379/0", None),
+    ],
+)
+def test_a_sentinel_url_names_sentinels_master_and_database(url, expected):
+    assert chat.sentinel_of(url) == expected
+
+
+def test_a_sentinel_failover_keeps_the_chat_going(tmp_path):
+    master = RedisServer()
+    replica = RedisServer(None, "", "--replicaof", "127.0.0.1", str(master.port))
+    config = tmp_path / "sentinel.conf"  # (a sentinel rewrites its own file)
+    config.write_text(
+        f"sentinel monitor chat 127.0.0.1 {master.port} 1\n"
+        "sentinel down-after-milliseconds chat 1000\n"
+        "sentinel failover-timeout chat 5000\n"
+    )
+    sentinel = RedisServer(None, str(config), "--sentinel")
+    servers = [master, replica, sentinel]
+    watch = redis.Redis(port=sentinel.port, decode_responses=True)
+    wait_until(
+        lambda: watch.sentinel_slaves("chat"), what="the sentinel to see the replica"
+    )
+    url = f"redis+sentinel://127.0.0.1:{sentinel.port}/chat/0"
+    chat_server = ChatServer("--redis", url, "--rate-limit", "0")
+    servers.append(chat_server)
+    uri = chat_server.url.replace("http", "ws") + "/ws/chat/failover/?name=ana"
+    try:
+        with connect(uri, origin=chat_server.url, max_queue=None) as ana:
+            welcome = next_frame(ana, "welcome")
+            for text in ("one", "two", "three"):
+                post(ana, text)
+            acknowledged = [next_frame(ana) for _ in range(3)]
+            assert [f["id"] for f in acknowledged] == [1, 2, 3]
+            wait_until(  # (replication is asynchronous: the README says what it means)
+                lambda: (
+                    redis.Redis(port=replica.port).info("replication")[
+                        "master_repl_offset"
+                    ]
+                    >= redis.Redis(port=master.port).info("replication")[
+                        "master_repl_offset"
+                    ]
+                ),
+                what="the replica to have the messages",
+            )
+            master.stop(signal.SIGKILL)
+            killed = time.monotonic()
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    ana.recv(timeout=TIMEOUT)
+            assert closed.value.rcvd.code == chat.CLOSE_UNAVAILABLE
+        # A page that had shown only "one" resumes with since=1, as the page would.
+        with contextlib.ExitStack() as attempts:
+            resumed = None
+            while resumed is None and time.monotonic() - killed < 10:
+                query = f"&since=1&epoch={welcome['epoch']}"
+                with contextlib.suppress(WebSocketException, OSError, TimeoutError):
+                    ana = attempts.enter_context(
+                        connect(uri + query, origin=chat_server.url, max_queue=None)
+                    )
+                    frames = frames_until(ana, lambda f: f["type"] == "welcome", 2)
+                    resumed, missed = frames[-1], frames[:-1]
+                if resumed is None:
+                    time.sleep(0.5)
+            assert resumed, "the chat did not come back within 10 s of the failover"
+            assert resumed["last_id"] == 3 and resumed["epoch"] == welcome["epoch"]
+            assert [(f["id"], f["message"]) for f in missed] == [
+                (2, "two"),
+                (3, "three"),
+            ]
+            post(ana, "after the failover")
+            assert next_frame(ana)["id"] == 4  # ids continue
+        assert get_json(chat_server.url + "/healthz")["status"] == "ok"
+    finally:
+        for server in reversed(servers):
+            server.stop()
+    assert "Traceback" not in chat_server.text, chat_server.text
 
 
 def from_address(server, source: str, room: str, **query):
