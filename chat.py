@@ -123,10 +123,13 @@ REDIS_OPTIONS = {
     "socket_connect_timeout": 5,
     "socket_keepalive": True,
     "health_check_interval": 10,
-    # One connection per Redis call in flight: redis-py 8's default of 100 fails the
-    # 101st (MaxConnectionsError) when a crowd leaves at once.
+    # The channel layer's publishes in flight each take a connection: redis-py 8's
+    # default of 100 fails the 101st (MaxConnectionsError) when a crowd posts at once.
     "max_connections": 5000,
 }
+#: Connections to Redis for the rooms, per process: a crowd leaving at once waits
+#: for them in turn, instead of opening one each (a TCP handshake and a HELLO).
+REDIS_CONNECTIONS = 32
 
 
 def machine_addresses() -> list[str]:
@@ -1520,9 +1523,13 @@ def redis_client(url: str, asynchronous: bool = True, **options):
     import redis.sentinel
 
     if not (sentinel := sentinel_of(url)):
-        return (redis.asyncio.Redis if asynchronous else redis.Redis).from_url(
-            url, **options
+        if not asynchronous:
+            return redis.Redis.from_url(url, **options)
+        options["max_connections"] = REDIS_CONNECTIONS
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            url, timeout=None, **options
         )
+        return redis.asyncio.Redis(connection_pool=pool)
     sentinels, master, db = sentinel
     kind = redis.asyncio.sentinel if asynchronous else redis.sentinel
     asking = {key: value for key, value in options.items() if key.startswith("socket")}
