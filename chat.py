@@ -388,8 +388,10 @@ input[type=button], button { padding: .45rem 1.1rem; border: 0; border-radius: .
 .muted, #status, #typing { color: var(--muted); font-size: 1rem; }
 #status { min-height: 1.45em; margin-top: -.4rem; }
 .error { color: var(--error); }
-.visually-hidden { position: absolute; width: 1px; height: 1px; overflow: hidden;
-                   clip-path: inset(50%); white-space: nowrap; }
+/* Read out, not shown: hidden labels, and the repeated heading of grouped messages. */
+.visually-hidden, .message.follow .meta {
+  position: absolute; width: 1px; height: 1px; overflow: hidden;
+  clip-path: inset(50%); white-space: nowrap; }
 /* The lobby */
 #rooms { padding-left: 1.2rem; }
 #room-name-error:empty, #rooms:empty { display: none; }
@@ -410,8 +412,6 @@ input[type=button], button { padding: .45rem 1.1rem; border: 0; border-radius: .
 .event { padding: .1rem .5rem; border-radius: .4rem; overflow-wrap: anywhere; }
 .message { margin-top: .5rem; }
 .message.follow { margin-top: 0; }
-.message.follow .meta { position: absolute; width: 1px; height: 1px; overflow: hidden;
-                        clip-path: inset(50%); white-space: nowrap; }
 .message .meta { display: flex; gap: .5rem; align-items: baseline; }
 .author { font-weight: 700; }
 .n0 { color: var(--n0); } .n1 { color: var(--n1); } .n2 { color: var(--n2); }
@@ -1522,20 +1522,21 @@ def redis_client(url: str, asynchronous: bool = True, **options):
     import redis.asyncio.sentinel
     import redis.sentinel
 
-    if not (sentinel := sentinel_of(url)):
-        if not asynchronous:
-            return redis.Redis.from_url(url, **options)
-        options["max_connections"] = REDIS_CONNECTIONS
-        pool = redis.asyncio.BlockingConnectionPool.from_url(
-            url, timeout=None, **options
+    if sentinel := sentinel_of(url):
+        sentinels, master, db = sentinel
+        kind = redis.asyncio.sentinel if asynchronous else redis.sentinel
+        asking = {
+            key: value for key, value in options.items() if key.startswith("socket")
+        }
+        return kind.Sentinel(sentinels, sentinel_kwargs=asking).master_for(
+            master, db=db, **options
         )
-        return redis.asyncio.Redis(connection_pool=pool)
-    sentinels, master, db = sentinel
-    kind = redis.asyncio.sentinel if asynchronous else redis.sentinel
-    asking = {key: value for key, value in options.items() if key.startswith("socket")}
-    return kind.Sentinel(sentinels, sentinel_kwargs=asking).master_for(
-        master, db=db, **options
-    )
+    if not asynchronous:  # (check_redis, once at the start)
+        return redis.Redis.from_url(url, **options)
+    # The rooms': a crowd waits for REDIS_CONNECTIONS in turn.
+    options["max_connections"] = REDIS_CONNECTIONS
+    pool = redis.asyncio.BlockingConnectionPool.from_url(url, timeout=None, **options)
+    return redis.asyncio.Redis(connection_pool=pool)
 
 
 @functools.cache
