@@ -1194,82 +1194,84 @@ class RedisRooms:
 
     Per room: a hash (epoch, last id), a sorted set of messages scored by id, a
     sorted set of members scored by when they expire, and a hash of the names in
-    use. Each process keeps its own members alive; a member of a process that died
-    expires and is announced as gone. Every key expires after ROOM_IDLE without use.
-    What the rooms keep is counted in bytes and kept within ROOMS_BUDGET, as in
-    memory: `chat:used` orders the rooms by last use, `chat:sizes` says what each
-    counts for, `chat:bytes` sums them up.
+    use, all under `chat:{<room key>}:`. The braces are a Redis Cluster hash tag:
+    a room's keys share a slot, so each script stays on one node. What all rooms
+    share has keys of its own, `chat:{rooms}:…`, and a script of its own (ACCOUNT).
+    Each process keeps its own members alive; a member of a process that died
+    expires and is announced as gone. Every key expires after ROOM_IDLE unused.
     """
 
-    # Whatever makes a room hold more counts it, then keeps all rooms within budget:
-    # the least recently used rooms without members go first (and those unused for
-    # ROOM_IDLE, whose keys expired), a few at a time.
-    BUDGET = """
-        local function started(room, epoch, room_bytes)  -- counted once, at its start
-            if redis.call('HSETNX', room, 'epoch', epoch) == 1 then
-                return tonumber(room_bytes)
-            end
-            return 0
-        end
-        local function count(prefix, bytes, now, budget, idle)
-            redis.call('ZADD', 'chat:used', now, prefix)
-            redis.call('HINCRBY', 'chat:sizes', prefix, bytes)
-            local total = redis.call('INCRBY', 'chat:bytes', bytes)
-            for _, key in ipairs({'chat:used', 'chat:sizes', 'chat:bytes'}) do
-                redis.call('EXPIRE', key, idle)
-            end
-            local oldest = redis.call('ZRANGE', 'chat:used', 0, 9, 'WITHSCORES')
-            for i = 1, #oldest, 2 do
-                local other, used = oldest[i], tonumber(oldest[i + 1])
-                if total <= budget and used > now - idle then break end
-                if redis.call('EXISTS', other .. ':members') == 1 then
-                    redis.call('ZADD', 'chat:used', now, other)  -- in use: kept
-                elseif other ~= prefix then
-                    local size = redis.call('HGET', 'chat:sizes', other) or 0
-                    total = redis.call('DECRBY', 'chat:bytes', size)
-                    redis.call('HDEL', 'chat:sizes', other)
-                    redis.call('ZREM', 'chat:used', other)
-                    redis.call('DEL', other .. ':room', other .. ':history')
-                end
-            end
-        end
-    """
+    # Each script starts with "#!lua": then Redis 7 refuses (in a cluster) any key
+    # outside the slot of the keys it is given, so a mistake shows at once.
     # One script, so an id is never handed out without its message being in history:
-    # whoever sees message n can always find n-1 there.
-    POST = (
-        BUDGET
-        + """
-        local bytes = started(KEYS[1], ARGV[2], ARGV[6])
+    # whoever sees message n can always find n-1 there. It says how many bytes the
+    # room grew by (ACCOUNT counts them).
+    POST = """#!lua
+        redis.call('HSETNX', KEYS[1], 'epoch', ARGV[2])
         local frame = cjson.decode(ARGV[1])
         frame['id'] = redis.call('HINCRBY', KEYS[1], 'last_id', 1)
         frame['epoch'] = redis.call('HGET', KEYS[1], 'epoch')
         local encoded = cjson.encode(frame)
         redis.call('ZADD', KEYS[2], frame['id'], encoded)
-        bytes = bytes + #encoded + ARGV[7]
+        local grown = #encoded + ARGV[5]
         local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3])
         if over > 0 then
             for _, old in ipairs(redis.call('ZRANGE', KEYS[2], 0, over - 1)) do
-                bytes = bytes - #old - ARGV[7]
+                grown = grown - #old - ARGV[5]
             end
             redis.call('ZREMRANGEBYRANK', KEYS[2], 0, over - 1)
         end
         redis.call('EXPIRE', KEYS[1], ARGV[4])
         redis.call('EXPIRE', KEYS[2], ARGV[4])
-        count(ARGV[5], bytes, tonumber(ARGV[8]), tonumber(ARGV[9]), ARGV[4])
-        return encoded
+        return {encoded, grown}
     """
-    )
-    # The room's epoch and last id; a room that starts here is counted.
-    POSITION = (
-        BUDGET
-        + """
-        local bytes = started(KEYS[1], ARGV[1], ARGV[4])
-        count(ARGV[3], bytes, tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[2])
+    # The room's epoch and last id (a new room gets its epoch here).
+    POSITION = """#!lua
+        redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
         redis.call('EXPIRE', KEYS[1], ARGV[2])
-        redis.call('EXPIRE', KEYS[2], ARGV[2])
         return redis.call('HMGET', KEYS[1], 'epoch', 'last_id')
     """
-    )
+    # What the rooms hold is counted in bytes and kept within ROOMS_BUDGET, as in
+    # memory: `used` orders the rooms by last use, `sizes` says what each counts
+    # for, `bytes` sums them up. Past the budget (or ROOM_IDLE), the rooms used
+    # least recently go, a few at a time, but not those with members: the lobby's
+    # `busy` counts them (the news tells it), and `alive` says when a process last
+    # said it keeps some there (on entering, and at each keep-alive round), so the
+    # rooms of a process that died go too. The names of the rooms let go come back:
+    # their own keys are in other slots, and are deleted next.
+    ACCOUNT = """#!lua
+        local used, sizes, total_bytes, alive, busy = unpack(KEYS)
+        local room, grown, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+        local budget, idle = tonumber(ARGV[4]), ARGV[5]
+        if redis.call('HSETNX', sizes, room, 0) == 1 then  -- a room starts
+            grown = grown + tonumber(ARGV[6])
+        end
+        if ARGV[8] == '1' then  -- someone entered: one member at least
+            redis.call('ZADD', alive, now, room)
+            redis.call('ZADD', busy, 'GT', 1, room)
+        end
+        redis.call('ZADD', used, now, room)
+        redis.call('HINCRBY', sizes, room, grown)
+        local total = redis.call('INCRBY', total_bytes, grown)
+        for _, key in ipairs(KEYS) do redis.call('EXPIRE', key, idle) end
+        local gone = {}
+        local oldest = redis.call('ZRANGE', used, 0, 9, 'WITHSCORES')
+        for i = 1, #oldest, 2 do
+            local other, last = oldest[i], tonumber(oldest[i + 1])
+            if total <= budget and last > now - idle then break end
+            local here = tonumber(redis.call('ZSCORE', busy, other) or 0) > 0
+            local kept = tonumber(redis.call('ZSCORE', alive, other) or 0)
+            if here and kept > now - tonumber(ARGV[7]) then
+                redis.call('ZADD', used, now, other)  -- in use: kept
+            elseif other ~= room then
+                total = redis.call('DECRBY', total_bytes, redis.call('HGET', sizes, other) or 0)
+                redis.call('HDEL', sizes, other)
+                for _, key in ipairs({used, alive, busy}) do redis.call('ZREM', key, other) end
+                gone[#gone + 1] = other
+            end
+        end
+        return gone
+    """
     # A member takes the first of "name", "name (2)"... that no one else has.
     CLAIM = """
         local function claim(members, names, member, nickname, expiry, idle)
@@ -1287,22 +1289,26 @@ class RedisRooms:
             return name
         end
     """
-    JOIN = CLAIM + "return claim(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4])"
-    LEAVE = """
+    JOIN = (
+        "#!lua\n"
+        + CLAIM
+        + "return claim(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4])"
+    )
+    LEAVE = """#!lua
         redis.call('ZREM', KEYS[1], ARGV[1] .. '\\n' .. ARGV[2])
         if redis.call('HGET', KEYS[2], ARGV[2]) == ARGV[1] then
             redis.call('HDEL', KEYS[2], ARGV[2])
         end
     """
     # A room's members: those expired are removed and returned, so that exactly one
-    # process announces each; the count goes to the lobby's rooms by member count.
+    # process announces each.
     # Lists come back as one JSON text: redis-py reads a reply element by element in
     # Python, and a hundred names took longer than all the rest of a connect.
     PRESENT = """
         local function json_array(texts)  -- of texts that are JSON already
             return '[' .. table.concat(texts, ',') .. ']'
         end
-        local function present(members, busy, names, now, room, listed, idle)
+        local function present(members, names, now, listed, idle)
             local gone = redis.call('ZRANGEBYSCORE', members, '-inf', now, 'LIMIT', 0, 500)
             if #gone > 0 then redis.call('ZREM', members, unpack(gone)) end
             for _, entry in ipairs(gone) do
@@ -1312,54 +1318,53 @@ class RedisRooms:
                 end
             end
             local count = redis.call('ZCARD', members)
-            if count > 0 then
-                redis.call('ZADD', busy, count, room)
-                redis.call('EXPIRE', members, idle)
-                redis.call('EXPIRE', busy, idle)
-            else
-                redis.call('ZREM', busy, room)
-            end
-            local names = {}
+            if count > 0 then redis.call('EXPIRE', members, idle) end
+            local listing = {}
             for i, entry in ipairs(redis.call('ZRANGE', members, 0, listed - 1)) do
-                names[i] = cjson.encode(string.match(entry, '\\n(.*)$'))
+                listing[i] = cjson.encode(string.match(entry, '\\n(.*)$'))
             end
-            return {gone, count, json_array(names)}
+            return {gone, count, json_array(listing)}
         end
     """
     PRESENCE = (
-        PRESENT
-        + """
-        return present(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
-    """
+        "#!lua\n"
+        + PRESENT
+        + "return present(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])"
     )
-    # Entering a room in one round trip: its position (a room that starts here is
-    # counted), what the member missed, its name, and who is here.
+    # Entering a room: its position (a new room gets its epoch), what the member
+    # missed, its name, and who is here. (ACCOUNT goes with it, in one round trip.)
     ENTER = (
-        BUDGET
+        "#!lua\n"
         + CLAIM
         + PRESENT
         + """
-        local room, history, members, names, busy = unpack(KEYS)
-        local bytes = started(room, ARGV[1], ARGV[4])
-        count(ARGV[3], bytes, tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[2])
+        local room, history, members, names = unpack(KEYS)
+        redis.call('HSETNX', room, 'epoch', ARGV[1])
         redis.call('EXPIRE', room, ARGV[2])
         redis.call('EXPIRE', history, ARGV[2])
         local position = redis.call('HMGET', room, 'epoch', 'last_id')
         local epoch, last_id = position[1], tonumber(position[2]) or 0
-        local since = tonumber(ARGV[7])
-        if ARGV[8] ~= '' and ARGV[8] ~= epoch then since = 0 end  -- another numbering's
+        local since = tonumber(ARGV[3])
+        if ARGV[4] ~= '' and ARGV[4] ~= epoch then since = 0 end  -- another numbering's
         local missed = json_array(redis.call('ZRANGEBYSCORE', history, since + 1, last_id))
-        local name = claim(members, names, ARGV[9], ARGV[10], ARGV[11], ARGV[2])
-        local here = present(members, busy, names, ARGV[5], ARGV[12], ARGV[13], ARGV[2])
+        local name = claim(members, names, ARGV[5], ARGV[6], ARGV[7], ARGV[2])
+        local here = present(members, names, ARGV[8], ARGV[9], ARGV[2])
         return {epoch, last_id, missed, name, here}
     """
     )
+    #: What all rooms share: the budget's keys (ACCOUNT), then the lobby's list of
+    #: rooms by how many members they had when last counted.
+    SHARED = tuple(
+        f"chat:{{rooms}}:{key}" for key in ("used", "sizes", "bytes", "alive")
+    )
+    BUSY = "chat:{rooms}:busy"
 
     def __init__(self, url: str):
         self.redis = redis_client(url, decode_responses=True, **REDIS_OPTIONS)
         self.scripts = {
             script: self.redis.register_script(getattr(self, script))
-            for script in ("POST", "POSITION", "ENTER", "JOIN", "LEAVE", "PRESENCE")
+            for script in ("POST", "POSITION", "ACCOUNT", "ENTER", "JOIN", "LEAVE")
+            + ("PRESENCE",)
         }
         self.local: dict[str, dict[str, str]] = {}  # room -> our members -> their entry
         self.keeper: asyncio.Task | None = None
@@ -1369,41 +1374,75 @@ class RedisRooms:
 
     @staticmethod
     def prefix(name: str) -> str:
-        return f"chat:{room_key(name)}"
+        return "chat:{" + room_key(name) + "}"
 
-    def keys(self, name: str) -> tuple[str, str, str, str]:
-        prefix = self.prefix(name)
+    @classmethod
+    def keys(cls, name: str) -> tuple[str, str, str, str]:
+        prefix = cls.prefix(name)
         return tuple(
             f"{prefix}:{key}" for key in ("room", "history", "members", "names")
         )
 
-    def budget(self) -> list:
-        """What the scripts that count need to know."""
-        return [time.time(), ROOMS_BUDGET]
+    def call(self, pipeline, script: str, keys: list, args: list) -> None:
+        """Queue a script on a pipeline (see in_one_round_trip)."""
+        pipeline.evalsha(self.scripts[script].sha, len(keys), *keys, *args)
+
+    async def in_one_round_trip(self, queue) -> list:
+        """The commands queue(pipeline) queues, sent at once; errors are returned.
+        Scripts a restarted Redis forgot are loaded, and the lot is sent again
+        (redis-py's pipelines would first ask if they are known, every time)."""
+        from redis.exceptions import NoScriptError
+
+        async with self.redis.pipeline(transaction=False) as pipeline:
+            queue(pipeline)
+            results = await pipeline.execute(raise_on_error=False)
+        if any(isinstance(result, NoScriptError) for result in results):
+            for script in self.scripts.values():
+                await self.redis.script_load(script.script)
+            return await self.in_one_round_trip(queue)
+        return results
+
+    def accounting(self, name: str, grown: int, entered=False) -> tuple[list, list]:
+        """ACCOUNT's keys and arguments: the room grew by `grown` bytes, used now."""
+        args = [name, grown, time.time(), ROOMS_BUDGET, ROOM_IDLE, ROOM_BYTES]
+        return [*self.SHARED, self.BUSY], [*args, MEMBER_TTL, int(entered)]
+
+    async def forget(self, gone: list[str]) -> None:
+        """Delete the keys of the rooms ACCOUNT let go."""
+        if gone:
+            async with self.redis.pipeline(transaction=False) as deleting:
+                for name in gone:
+                    deleting.delete(*self.keys(name))
+                await deleting.execute()
 
     async def post(self, name: str, frame: dict) -> dict:
         room, history, _, _ = self.keys(name)
-        args = [json.dumps(frame), new_epoch(), HISTORY_SIZE, ROOM_IDLE]
-        args += [self.prefix(name), ROOM_BYTES, ENTRY_BYTES, *self.budget()]
-        encoded = await self.scripts["POST"](keys=[room, history], args=args)
+        args = [json.dumps(frame), new_epoch(), HISTORY_SIZE, ROOM_IDLE, ENTRY_BYTES]
+        encoded, grown = await self.scripts["POST"](keys=[room, history], args=args)
+        await self.forget(await self.scripts["ACCOUNT"](*self.accounting(name, grown)))
         return json.loads(encoded)
 
     async def position(self, name: str) -> tuple[str, int]:
-        room, history, _, _ = self.keys(name)
-        args = [new_epoch(), ROOM_IDLE, self.prefix(name), ROOM_BYTES, *self.budget()]
-        epoch, last_id = await self.scripts["POSITION"](keys=[room, history], args=args)
+        room, _, _, _ = self.keys(name)
+        epoch, last_id = await self.scripts["POSITION"](
+            keys=[room], args=[new_epoch(), ROOM_IDLE]
+        )
         return epoch, int(last_id or 0)
 
     async def enter(
         self, name: str, since: int, epoch: str, member: str, nickname: str
     ) -> Arrival:
         """One round trip: see MemoryRooms.enter."""
-        args = [new_epoch(), ROOM_IDLE, self.prefix(name), ROOM_BYTES, *self.budget()]
-        args += [since, epoch, member, nickname, time.time() + MEMBER_TTL]
-        args += [name, MAX_LISTED]
-        room_epoch, last_id, missed, nickname, here = await self.scripts["ENTER"](
-            keys=[*self.keys(name), "chat:busy"], args=args
-        )
+        args = [new_epoch(), ROOM_IDLE, since, epoch, member, nickname]
+        args += [time.time() + MEMBER_TTL, time.time(), MAX_LISTED]
+
+        def queue(pipeline) -> None:
+            self.call(pipeline, "ENTER", list(self.keys(name)), args)
+            self.call(pipeline, "ACCOUNT", *self.accounting(name, 0, entered=True))
+
+        entered, gone = map(raised, await self.in_one_round_trip(queue))
+        await self.forget(gone)
+        room_epoch, last_id, missed, nickname, here = entered
         self.now_here(name, member, nickname)
         missed = [message_event(frame) for frame in json.loads(missed)]
         return Arrival(room_epoch, last_id, missed, nickname, self.present(name, *here))
@@ -1444,14 +1483,23 @@ class RedisRooms:
         return await self.join(name, member, nickname)
 
     async def presence(self, name: str) -> Presence:
-        """Who is here. Members whose process stopped keeping them alive are
-        dropped, and announced as gone."""
+        """Who is here (for the news, which then tells the lobby the count). Members
+        whose process stopped keeping them alive are dropped, and announced as gone."""
         _, _, members, names = self.keys(name)
-        args = [time.time(), name, MAX_LISTED, ROOM_IDLE]
-        here = await self.scripts["PRESENCE"](
-            keys=[members, "chat:busy", names], args=args
-        )
-        return self.present(name, *here)
+        args = [time.time(), MAX_LISTED, ROOM_IDLE]
+        here = await self.scripts["PRESENCE"](keys=[members, names], args=args)
+        presence = self.present(name, *here)
+        alive = self.SHARED[3]
+        async with self.redis.pipeline(transaction=False) as telling:
+            if presence.count:
+                telling.zadd(self.BUSY, {name: presence.count})
+                telling.zadd(alive, {name: time.time()})
+            else:
+                telling.zrem(self.BUSY, name)
+            await (
+                telling.expire(self.BUSY, ROOM_IDLE).expire(alive, ROOM_IDLE).execute()
+            )
+        return presence
 
     @staticmethod
     def present(name: str, gone: list, count: int, listed: str) -> Presence:
@@ -1471,15 +1519,19 @@ class RedisRooms:
 
     async def busiest(self) -> list[tuple[str, int]]:
         """The rooms with most members, counting those still kept alive (a process
-        may have died): two round trips. Rooms found empty leave the list."""
-        names = await self.redis.zrevrange("chat:busy", 0, LOBBY_SIZE - 1)
+        may have died): two round trips, and a third to tell the list the counts."""
+        names = await self.redis.zrevrange(self.BUSY, 0, LOBBY_SIZE - 1)
         async with self.redis.pipeline(transaction=False) as counting:
             for name in names:
                 counting.zcount(self.keys(name)[2], time.time(), "+inf")
-            counts = await counting.execute()
-        if empty := [name for name, count in zip(names, counts) if not count]:
-            await self.redis.zrem("chat:busy", *empty)
-        return [(name, count) for name, count in zip(names, counts) if count]
+            counts = dict(zip(names, await counting.execute()))
+        async with self.redis.pipeline(transaction=False) as telling:
+            if here := {name: count for name, count in counts.items() if count}:
+                telling.zadd(self.BUSY, here, xx=True)
+            if empty := [name for name, count in counts.items() if not count]:
+                telling.zrem(self.BUSY, *empty)
+            await telling.execute()
+        return sorted(here.items(), key=lambda room: -room[1])
 
     async def keep_members_alive(self) -> None:
         """Renew this process's members: a process that dies stops renewing, and
@@ -1496,24 +1548,23 @@ class RedisRooms:
 
     async def keep_rooms(self) -> None:
         """One round for all of this process's rooms: one pipelined round trip,
-        however many rooms. An error that is not an outage stays its room's."""
-        from redis.exceptions import NoScriptError
-
+        however many rooms. The rooms are alive (ACCOUNT keeps them). An error
+        that is not an outage stays its room's."""
         names, now = list(self.local), time.time()
-        async with self.redis.pipeline(transaction=False) as round_trip:
+
+        def queue(pipeline) -> None:
             for name in names:
                 room, history, members, member_names = self.keys(name)
                 entries = self.local[name].values()
-                round_trip.zadd(members, dict.fromkeys(entries, now + MEMBER_TTL))
-                keys = [members, "chat:busy", member_names]
-                presence = self.scripts["PRESENCE"].sha
-                round_trip.evalsha(presence, 3, *keys, now, name, MAX_LISTED, ROOM_IDLE)
-                round_trip.expire(room, ROOM_IDLE).expire(history, ROOM_IDLE)
-                round_trip.hget(room, "last_id")
-            results = await round_trip.execute(raise_on_error=False)
-        if any(isinstance(r, NoScriptError) for r in results):  # a restarted Redis
-            await self.redis.script_load(self.PRESENCE)
-            return await self.keep_rooms()
+                pipeline.zadd(members, dict.fromkeys(entries, now + MEMBER_TTL))
+                args = [now, MAX_LISTED, ROOM_IDLE]
+                self.call(pipeline, "PRESENCE", [members, member_names], args)
+                pipeline.expire(room, ROOM_IDLE).expire(history, ROOM_IDLE)
+                pipeline.hget(room, "last_id")
+            if names:
+                pipeline.zadd(self.SHARED[3], dict.fromkeys(names, now), gt=True)
+
+        results = await self.in_one_round_trip(queue)
         for n, name in enumerate(names):
             ours = results[n * self.ROUND : (n + 1) * self.ROUND]
             if error := next((r for r in ours if isinstance(r, Exception)), None):
@@ -1523,6 +1574,13 @@ class RedisRooms:
             self.present(name, *here)
             if name in hubs:
                 await hubs[name].catch_up(int(last_id or 0))
+
+
+def raised(result):
+    """A pipeline's result, or its error raised."""
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def redis_client(url: str, asynchronous: bool = True, **options):
@@ -2471,10 +2529,12 @@ def check_redis(redis_url: str) -> None:
         client = redis_client(
             redis_url, asynchronous=False, socket_connect_timeout=3, socket_timeout=3
         )
-        client.ping()
+        version = client.info("server")["redis_version"]
     except (*STORE_ERRORS, ValueError) as error:
         why = str(error).split(" : <")[0]  # (a sentinel's error ends with a long repr)
         fail(f"cannot reach Redis at {redis_url}: {why}")
+    if int(version.split(".")[0]) < 7:  # (the scripts' "#!lua" line is Redis 7's)
+        fail(f"chat.py needs Redis 7 or later; {redis_url} is Redis {version}")
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -1581,6 +1581,7 @@ async def test_rooms_in_redis_keep_to_the_same_budget(redis_server, monkeypatch)
     client = redis.Redis.from_url(redis_server, decode_responses=True)
     client.flushdb()
     store = chat.RedisRooms(redis_server)
+    _, sizes_key, bytes_key, _ = store.SHARED
     nickname, _ = await store.join("lived-in", "m1", "ana")
     for n in range(chat.HISTORY_SIZE):
         await store.post("lived-in", chat.chat_frame("ana", f"kept {n}"))
@@ -1588,10 +1589,10 @@ async def test_rooms_in_redis_keep_to_the_same_budget(redis_server, monkeypatch)
     for room in range(60):
         for _ in range(10):
             await store.post(f"flood-{room}", chat.chat_frame("zed", emoji))
-        sizes = client.hgetall("chat:sizes")
-        assert int(client.get("chat:bytes")) == sum(map(int, sizes.values()))
-        assert int(client.get("chat:bytes")) <= chat.ROOMS_BUDGET
-    assert int(client.get("chat:bytes")) > chat.ROOMS_BUDGET - 50_000
+        sizes = client.hgetall(sizes_key)
+        assert int(client.get(bytes_key)) == sum(map(int, sizes.values()))
+        assert int(client.get(bytes_key)) <= chat.ROOMS_BUDGET
+    assert int(client.get(bytes_key)) > chat.ROOMS_BUDGET - 50_000
     history = store.keys("flood-0")[1]
     assert not client.exists(history) and client.exists(store.keys("flood-59")[1])
     assert len(await store.between("lived-in", 1, 1000)) == chat.HISTORY_SIZE
@@ -2017,6 +2018,12 @@ def redis_monitor(url: str):
 def test_a_connect_costs_redis_one_round_trip_and_a_leave_one(redis_server):
     server = ChatServer("--redis", redis_server, "--rate-limit", "0")
     uri = server.url.replace("http", "ws") + "/ws/chat/trips/?name="
+    stats = redis.Redis.from_url(redis_server)
+
+    def round_trips() -> int:
+        """Reads Redis made from its clients' sockets: pipelined commands come in one."""
+        return stats.info("stats")["total_reads_processed"]
+
     try:
         with (
             server.websocket("trips", name="watcher") as watcher,
@@ -2024,23 +2031,211 @@ def test_a_connect_costs_redis_one_round_trip_and_a_leave_one(redis_server):
         ):
             next_frame(watcher, "welcome")
             commands()  # (what came before)
+            before = round_trips()
             with contextlib.ExitStack() as members:
                 for n in range(30):
                     member = connect(uri + f"m{n}", origin=server.url, max_queue=None)
                     next_frame(members.enter_context(member), "welcome")
                 frames_until(watcher, lambda f: "m29" in f.get("users", []))
-                arriving = commands()
+                arriving, after = commands(), round_trips()
             frames_until(watcher, lambda f: f["type"] == "leave" and f["count"] == 1)
-            leaving = commands()
-        # Entering is one script, leaving another. The news of arrivals and departures
-        # (a count and a publish) goes out for many at once, and the keep-alive may
+            leaving, trips_leaving = commands(), round_trips() - after
+        # Entering is a script for the room and one for what all rooms share, sent
+        # together; leaving is one script. The news of arrivals and departures (a count,
+        # the lobby told, a publish) goes out for many at once, and the keep-alive may
         # take a round meanwhile. (Not counted: opening a Redis connection.)
         setup = {"HELLO", "PING", "SCRIPT", "CLIENT", "SELECT"}
-        for trips in (arriving, leaving):
-            trips = [command for command in trips if command not in setup]
-            assert len(trips) <= 30 + 6, Counter(trips)
+        for sent, per_member in ((arriving, 2), (leaving, 1)):
+            sent = [command for command in sent if command not in setup]
+            assert len(sent) <= 30 * per_member + 12, Counter(sent)
+        # Round trips: 30 and 30, besides those of the news and of opening connections
+        # (arrivals sent apart would take 60).
+        assert after - before <= 30 + 20 and trips_leaving <= 30 + 20
     finally:
         server.stop()
+
+
+def redis_work(client) -> Counter:
+    """What the Redis of `client` has done so far: microseconds of CPU (its main
+    thread), reads from its clients' sockets (pipelined commands come in one, or a
+    few for a long pipeline: round trips), and commands (inside scripts too). Its own
+    INFO calls are left out."""
+    cpu, stats, commands = (
+        client.info(part) for part in ("cpu", "stats", "commandstats")
+    )
+    info = commands.pop("cmdstat_info")["calls"]
+    return Counter(
+        cpu_us=1e6
+        * (cpu["used_cpu_user_main_thread"] + cpu["used_cpu_sys_main_thread"]),
+        round_trips=stats["total_reads_processed"] - info,
+        commands=sum(s["calls"] for s in commands.values()),
+    )
+
+
+def test_what_each_operation_costs_redis(capsys):
+    """The capacity model's figures (README, "What each thing costs Redis"): the
+    Redis CPU, round trips and commands of each operation, from one chat.py process
+    against a Redis of its own, less what Redis does when idle. Printed with -s; the
+    round trips are checked, the CPU only measured."""
+    redis_server = RedisServer()
+    client = redis.Redis.from_url(redis_server.url)
+    flags = ("--rate-limit", "0", "--max-per-address", "0", "--quiet")
+    server = ChatServer("--redis", redis_server.url, *flags)
+    flags = {"origin": server.url, "max_queue": None, "open_timeout": 5}
+    base = server.url.replace("http", "ws") + "/ws/chat/"
+    n, rooms, costs = 200, 200, {}
+
+    def measured(operation: str, times: int, action, most_trips: float) -> None:
+        before, started = redis_work(client), time.monotonic()
+        action()
+        work = redis_work(client)
+        work.subtract(before)
+        work["cpu_us"] -= idle * (time.monotonic() - started) + asking
+        costs[operation] = (
+            {key: value / times for key, value in work.items()},
+            most_trips,
+        )
+
+    before = redis_work(client)
+    time.sleep(2)
+    after = redis_work(client)
+    idle = (after["cpu_us"] - before["cpu_us"]) / 2  # (its chores)
+    asking = redis_work(client)["cpu_us"] - after["cpu_us"]  # (our INFO calls)
+    try:
+        with contextlib.ExitStack() as sockets:
+            watcher = sockets.enter_context(server.websocket("big", name="watcher"))
+            next_frame(watcher, "welcome")
+            crowd = []
+
+            def talk(first: int, count: int):
+                text = "x" * 100  # (the benchmark's size)
+                for m in range(first, first + count):
+                    post(watcher, f"{m} {text}")
+                last = f"{first + count - 1} {text}"
+                frames_until(watcher, lambda f: f.get("message") == last)
+
+            # POST, ACCOUNT, PUBLISH
+            filling, full = chat.HISTORY_SIZE, 5 * chat.HISTORY_SIZE
+            measured(
+                "a message (history filling)", filling, lambda: talk(0, filling), 3.2
+            )
+            measured("a message (history full)", full, lambda: talk(filling, full), 3.2)
+
+            def arrive():
+                for m in range(n):
+                    crowd.append(connect(f"{base}big/?name=m{m}", **flags))
+                    next_frame(crowd[-1], "welcome")
+                frames_until(watcher, lambda f: f.get("count") == n + 1)
+
+            # ENTER and ACCOUNT pipelined (the news adds a little)
+            measured(
+                "a member connects (history, names), with the news", n, arrive, 1.2
+            )
+
+            for room in range(rooms):
+                member = sockets.enter_context(server.websocket(f"r{room}", name="m"))
+                next_frame(member, "welcome")
+            time.sleep(chat.LOBBY_REFRESH)  # (the lobby's list goes stale)
+            lobby = lambda: get_json(server.url + "/chat/rooms.json")
+            # a list, the counts, the list told
+            measured(f"the lobby is refreshed ({chat.LOBBY_SIZE} rooms)", 1, lobby, 3)
+            alive = chat.RedisRooms.SHARED[3]
+            score = client.zscore(alive, "r0")
+
+            def keep_alive_round():
+                nonlocal score
+                wait_until(lambda: client.zscore(alive, "r0") != score, timeout=30)
+                score = client.zscore(alive, "r0")
+
+            keep_alive_round()  # (the next one begins MEMBER_TTL / 3 later)
+            time.sleep(chat.MEMBER_TTL / 3 - 0.5)
+            # one pipeline, read in a few pieces
+            measured("a room kept alive, a round", rooms + 1, keep_alive_round, 0.2)
+
+            keys = chat.RedisRooms.keys("big")
+            kept = client.memory_usage(keys[1]) / chat.HISTORY_SIZE
+            listed = sum(client.memory_usage(key) for key in keys[2:]) / (n + 1)
+
+            def depart():
+                for member in crowd:
+                    member.close()
+                frames_until(watcher, lambda f: f.get("count") == 1)
+
+            measured("a member leaves, with the news", n, depart, 1.2)  # LEAVE
+    finally:
+        server.stop()
+        redis_server.stop()
+    with capsys.disabled():
+        print(f"\nRedis idle: {idle:.0f} µs of CPU a second; INFO: {asking:.0f} µs")
+        print(f"Redis memory: {kept:.0f} bytes a message kept, {listed:.0f} a member")
+        print("| operation | Redis CPU | round trips | commands |")
+        print("| --- | --- | --- | --- |")
+        for operation, (each, _) in costs.items():
+            print(
+                f"| {operation} | {each['cpu_us']:.0f} µs | {each['round_trips']:.2f}"
+                f" | {each['commands']:.1f} |"
+            )
+    for each, most_trips in costs.values():
+        assert each["round_trips"] <= most_trips, costs
+
+
+def test_rooms_keep_to_one_slot_as_a_redis_cluster_asks(monkeypatch, capsys):
+    """On a Redis Cluster a script may touch the keys of one slot only (Redis 7
+    refuses others in "#!lua" scripts), and a command the keys of one slot. A
+    one-node cluster refuses what a bigger one would: entering, posting, renaming,
+    leaving, the news, the lobby, the keep-alive and the budget letting rooms go
+    all run on it without an error."""
+    bus = str(free_port())  # (else the port + 10,000, which may be past 65,535)
+    cluster = RedisServer(None, "", "--cluster-enabled", "yes", "--cluster-port", bus)
+    try:
+        work_on_a_one_node_cluster(cluster, monkeypatch, capsys)
+    finally:
+        cluster.stop()
+
+
+def work_on_a_one_node_cluster(cluster, monkeypatch, capsys) -> None:
+    client = redis.Redis.from_url(cluster.url, decode_responses=True)
+    client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+    state = lambda: "cluster_state:ok" in client.execute_command("CLUSTER", "INFO")
+    wait_until(state, what="a one-node Redis Cluster")
+    server = ChatServer("--redis", cluster.url, "--rate-limit", "0")
+    try:
+        with server.websocket("one-slot", name="ana") as ana:
+            next_frame(ana, "welcome")
+            with server.websocket("one-slot", name="bob") as bob:
+                next_frame(bob, "welcome")
+                post(ana, "hello")
+                assert next_frame(bob, "message")["message"] == "hello"
+                bob.send(json.dumps({"type": "rename", "name": "rob"}))
+                frames_until(ana, lambda f: f["type"] == "rename")
+                rooms = lambda: get_json(server.url + "/chat/rooms.json")["rooms"]
+                wait_until(lambda: rooms() == [{"name": "one-slot", "count": 2}])
+            frames_until(ana, lambda f: f["type"] == "leave" and f["count"] == 1)
+    finally:
+        server.stop()
+    for trouble in ("Redis said", "Redis failed", "Redis refused", "Traceback"):
+        assert trouble not in server.text, server.text
+
+    monkeypatch.setattr(chat, "ROOMS_BUDGET", 100_000)
+    emoji = "\U0001f600" * (chat.MAX_MESSAGE_BYTES // 4)
+
+    async def budget_and_keep_alive():
+        store = chat.RedisRooms(cluster.url)
+        await store.join("lived-in", "m1", "ana")
+        for room in range(30):
+            for _ in range(10):
+                await store.post(f"flood-{room}", chat.chat_frame("zed", emoji))
+        await store.keep_rooms()
+        store.keeper.cancel()
+        await store.redis.aclose()
+        return store
+
+    store = asyncio.run(budget_and_keep_alive())
+    assert int(client.get(store.SHARED[2])) <= chat.ROOMS_BUDGET
+    assert not client.exists(*store.keys("flood-0")) and client.exists(
+        store.keys("flood-29")[1]
+    )
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize(
