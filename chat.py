@@ -1354,17 +1354,16 @@ class RedisRooms:
     )
     #: What all rooms share: the budget's keys (ACCOUNT), then the lobby's list of
     #: rooms by how many members they had when last counted.
-    SHARED = tuple(
-        f"chat:{{rooms}}:{key}" for key in ("used", "sizes", "bytes", "alive")
-    )
+    SHARED = ("chat:{rooms}:used", "chat:{rooms}:sizes", "chat:{rooms}:bytes")
+    SHARED += ("chat:{rooms}:alive",)
     BUSY = "chat:{rooms}:busy"
 
     def __init__(self, url: str):
         self.redis = redis_client(url, decode_responses=True, **REDIS_OPTIONS)
+        scripts = ("POST", "POSITION", "ACCOUNT", "ENTER", "JOIN", "LEAVE", "PRESENCE")
         self.scripts = {
             script: self.redis.register_script(getattr(self, script))
-            for script in ("POST", "POSITION", "ACCOUNT", "ENTER", "JOIN", "LEAVE")
-            + ("PRESENCE",)
+            for script in scripts
         }
         self.local: dict[str, dict[str, str]] = {}  # room -> our members -> their entry
         self.keeper: asyncio.Task | None = None
@@ -1432,9 +1431,21 @@ class RedisRooms:
     async def enter(
         self, name: str, since: int, epoch: str, member: str, nickname: str
     ) -> Arrival:
-        """One round trip: see MemoryRooms.enter."""
+        """One round trip: see MemoryRooms.enter. The first member of a room here
+        also has it counted (ACCOUNT); the room is then in use until the last goes."""
         args = [new_epoch(), ROOM_IDLE, since, epoch, member, nickname]
         args += [time.time() + MEMBER_TTL, time.time(), MAX_LISTED]
+        if name in self.local:  # (counted already, and in use)
+            entered = await self.scripts["ENTER"](keys=self.keys(name), args=args)
+        else:
+            entered = await self.enter_counted(name, args)
+        room_epoch, last_id, missed, nickname, here = entered
+        self.now_here(name, member, nickname)
+        missed = [message_event(frame) for frame in json.loads(missed)]
+        return Arrival(room_epoch, last_id, missed, nickname, self.present(name, *here))
+
+    async def enter_counted(self, name: str, args: list) -> list:
+        """ENTER, and ACCOUNT in the same round trip."""
 
         def queue(pipeline) -> None:
             self.call(pipeline, "ENTER", list(self.keys(name)), args)
@@ -1442,10 +1453,7 @@ class RedisRooms:
 
         entered, gone = map(raised, await self.in_one_round_trip(queue))
         await self.forget(gone)
-        room_epoch, last_id, missed, nickname, here = entered
-        self.now_here(name, member, nickname)
-        missed = [message_event(frame) for frame in json.loads(missed)]
-        return Arrival(room_epoch, last_id, missed, nickname, self.present(name, *here))
+        return entered
 
     async def between(self, name: str, first: int, last: int) -> list[dict]:
         kept = await self.redis.zrange(self.keys(name)[1], first, last, byscore=True)
@@ -1496,9 +1504,8 @@ class RedisRooms:
                 telling.zadd(alive, {name: time.time()})
             else:
                 telling.zrem(self.BUSY, name)
-            await (
-                telling.expire(self.BUSY, ROOM_IDLE).expire(alive, ROOM_IDLE).execute()
-            )
+            telling.expire(self.BUSY, ROOM_IDLE).expire(alive, ROOM_IDLE)
+            await telling.execute()
         return presence
 
     @staticmethod
