@@ -14,6 +14,7 @@ import concurrent.futures
 import contextlib
 import gzip
 import http.client
+import importlib.util
 import io
 import itertools
 import json
@@ -92,9 +93,16 @@ def wait_until(condition, timeout: float = TIMEOUT, what: str = "condition"):
 class Process:
     """A subprocess whose combined output is collected line by line as it arrives."""
 
-    def __init__(self, args: list[str], env: dict | None = None, cwd: Path = HERE):
+    def __init__(
+        self,
+        args: list[str],
+        env: dict | None = None,
+        cwd: Path = HERE,
+        group: bool = False,
+    ):
         self.lines: queue.Queue[str] = queue.Queue()
         self.output: list[str] = []
+        self.group = group  # (stopped with its children: runserver's reloader)
         self.proc = subprocess.Popen(
             args,
             cwd=cwd,
@@ -102,6 +110,7 @@ class Process:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=group,
         )
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -126,6 +135,9 @@ class Process:
         return "".join(self.output)
 
     def stop(self, sig=signal.SIGTERM) -> int:
+        if self.group:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
@@ -3189,6 +3201,154 @@ def test_main_refuses_a_second_run_and_a_running_loop_in_one_line():
     done = run_python("-c", code)
     assert done.stdout == "exit 1 True\n" and "chat.py: open" not in done.stdout
     assert done.stderr.count("\n") == 1 and "use chat.start()" in done.stderr
+
+
+# === Build it live: the README's steps, each run as written ===
+
+
+def readme_steps() -> dict[int, str]:
+    """The code of each step of the README's "Build it live", as written there."""
+    section = README.split("\n## Build it live\n", 1)[1].split("\n## ", 1)[0]
+    steps = {}
+    for part in section.split("\n### Step ")[1:]:
+        number = int(part.split(":", 1)[0])
+        steps[number] = part.split("```python\n", 1)[1].split("\n```", 1)[0] + "\n"
+    return steps
+
+
+STEPS = readme_steps()
+
+
+class StepServer(Process):
+    """`python stepN.py PORT`, in a folder of its own, as a workshop runs it."""
+
+    def __init__(self, number: int, env: dict | None = None):
+        folder = Path(tempfile.mkdtemp(prefix=f"chat-step{number}-"))
+        (folder / f"step{number}.py").write_text(STEPS[number])
+        self.port = free_port()
+        argv = [sys.executable, f"step{number}.py", str(self.port)]
+        super().__init__(argv, env=env, cwd=folder, group=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        up = lambda: port_answers(self.port) and http_status(self.url + "/chat/") == 200
+        wait_until(up, what=f"step {number} on port {self.port}")
+
+    def websocket(self, room: str):
+        return open_socket(self.url, room)
+
+
+def test_build_it_live_has_six_whole_steps_short_enough_to_type():
+    assert sorted(STEPS) == [1, 2, 3, 4, 5, 6]
+    for number, code in STEPS.items():
+        compile(code, f"step{number}.py", "exec")  # (whole files, not fragments)
+        assert len(code.splitlines()) <= 120, number
+    assert len(STEPS[1].splitlines()) <= 75
+    for number in range(1, 6):
+        assert 'if __name__ == "__main__":' in STEPS[number]
+
+
+def test_step_1_serves_the_lobby_and_a_room_page():
+    step = StepServer(1)
+    try:
+        lobby = urllib.request.urlopen(step.url + "/chat/", timeout=TIMEOUT).read()
+        room = urllib.request.urlopen(step.url + "/chat/lobby/", timeout=TIMEOUT).read()
+        assert b'id="room-name-input"' in lobby and b'id="room-name-submit"' in lobby
+        assert b'id="chat-log"' in room and b'id="chat-message-input"' in room
+        assert (
+            b'<script id="room-name" type="application/json">"lobby"</script>' in room
+        )
+    finally:
+        step.stop()
+
+
+def test_step_2_echoes_a_frame():
+    step = StepServer(2)
+    try:
+        with step.websocket("echo") as ws:
+            ws.send(json.dumps({"message": "hello"}))
+            assert json.loads(ws.recv(timeout=TIMEOUT)) == {"message": "hello"}
+    finally:
+        step.stop()
+
+
+def chat_in_rooms(one: StepServer, other: StepServer) -> None:
+    """Two members of a room (one on each server) both get its message; a member
+    of another room gets only its own."""
+    room = f"room{secrets.token_hex(3)}"
+    with (
+        one.websocket(room) as ana,
+        other.websocket(room) as bob,
+        one.websocket(room + "x") as cy,
+    ):
+        wait_until(lambda: post_and_hear(ana, bob, "hello"), what="the room's group")
+        cy.send(json.dumps({"message": "world"}))
+        assert json.loads(cy.recv(timeout=TIMEOUT)) == {"message": "world"}
+
+
+def post_and_hear(sender, listener, text: str) -> bool:
+    """Post; True once both hear it (a member joins its group as it connects)."""
+    sender.send(json.dumps({"message": text}))
+    assert json.loads(sender.recv(timeout=TIMEOUT)) == {"message": text}
+    with contextlib.suppress(TimeoutError):
+        while json.loads(listener.recv(timeout=0.5)) != {"message": text}:
+            pass
+        return True
+    return False
+
+
+@pytest.mark.parametrize("number", [3, 4])
+def test_steps_3_and_4_keep_rooms_apart(number):
+    step = StepServer(number)
+    try:
+        chat_in_rooms(step, step)
+    finally:
+        step.stop()
+
+
+def test_step_5_shares_rooms_between_two_processes_through_redis():
+    redis_server = RedisServer()
+    env = {"REDIS_URL": redis_server.url}
+    steps = []
+    try:
+        steps = [StepServer(5, env=env), StepServer(5, env=env)]
+        chat_in_rooms(*steps)
+    finally:
+        for step in steps:
+            step.stop()
+        redis_server.stop()
+
+
+@pytest.mark.parametrize("number", [3, 4, 5])
+def test_the_tutorials_browser_tests_pass_against_steps_3_to_5(number, chrome_driver):
+    """Step 6 of the README, run against each step in the suite's browser."""
+    path = Path(tempfile.mkdtemp(prefix="chat-step6-")) / "test_step.py"
+    path.write_text(STEPS[6])
+    spec = importlib.util.spec_from_file_location("test_step", path)
+    tests = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tests)
+    redis_server = RedisServer() if number == 5 else None
+    step = StepServer(
+        number, env={"REDIS_URL": redis_server.url} if redis_server else {}
+    )
+    try:
+
+        class AgainstStep(tests.ChatTests):
+            live_server_url = step.url
+
+            @classmethod
+            def setUpClass(cls):
+                cls.driver = chrome_driver  # (the suite's, not a browser of its own)
+
+            @classmethod
+            def tearDownClass(cls):
+                pass
+
+        suite = unittest.defaultTestLoader.loadTestsFromTestCase(AgainstStep)
+        result = unittest.TextTestRunner(stream=io.StringIO()).run(suite)
+        assert result.testsRun == 2 and result.wasSuccessful(), result.failures
+    finally:
+        step.stop()
+        if redis_server:
+            redis_server.stop()
 
 
 # === Browser tests: the Channels tutorial's own, as it wrote them ===
