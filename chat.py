@@ -1352,11 +1352,10 @@ class RedisRooms:
         return {epoch, last_id, missed, name, here}
     """
     )
-    #: What all rooms share: the budget's keys (ACCOUNT), then the lobby's list of
-    #: rooms by how many members they had when last counted.
-    SHARED = ("chat:{rooms}:used", "chat:{rooms}:sizes", "chat:{rooms}:bytes")
-    SHARED += ("chat:{rooms}:alive",)
-    BUSY = "chat:{rooms}:busy"
+    # What all rooms share, in a slot of its own: the budget's keys (ACCOUNT), and
+    # the lobby's list of rooms by how many members they had when last counted.
+    USED, SIZES = "chat:{rooms}:used", "chat:{rooms}:sizes"
+    BYTES, ALIVE, BUSY = "chat:{rooms}:bytes", "chat:{rooms}:alive", "chat:{rooms}:busy"
 
     def __init__(self, url: str):
         self.redis = redis_client(url, decode_responses=True, **REDIS_OPTIONS)
@@ -1404,7 +1403,8 @@ class RedisRooms:
     def accounting(self, name: str, grown: int, entered=False) -> tuple[list, list]:
         """ACCOUNT's keys and arguments: the room grew by `grown` bytes, used now."""
         args = [name, grown, time.time(), ROOMS_BUDGET, ROOM_IDLE, ROOM_BYTES]
-        return [*self.SHARED, self.BUSY], [*args, MEMBER_TTL, int(entered)]
+        keys = [self.USED, self.SIZES, self.BYTES, self.ALIVE, self.BUSY]
+        return keys, [*args, MEMBER_TTL, int(entered)]
 
     async def forget(self, gone: list[str]) -> None:
         """Delete the keys of the rooms ACCOUNT let go."""
@@ -1497,14 +1497,13 @@ class RedisRooms:
         args = [time.time(), MAX_LISTED, ROOM_IDLE]
         here = await self.scripts["PRESENCE"](keys=[members, names], args=args)
         presence = self.present(name, *here)
-        alive = self.SHARED[3]
         async with self.redis.pipeline(transaction=False) as telling:
             if presence.count:
                 telling.zadd(self.BUSY, {name: presence.count})
-                telling.zadd(alive, {name: time.time()})
+                telling.zadd(self.ALIVE, {name: time.time()})
             else:
                 telling.zrem(self.BUSY, name)
-            telling.expire(self.BUSY, ROOM_IDLE).expire(alive, ROOM_IDLE)
+            telling.expire(self.BUSY, ROOM_IDLE).expire(self.ALIVE, ROOM_IDLE)
             await telling.execute()
         return presence
 
@@ -1569,7 +1568,7 @@ class RedisRooms:
                 pipeline.expire(room, ROOM_IDLE).expire(history, ROOM_IDLE)
                 pipeline.hget(room, "last_id")
             if names:
-                pipeline.zadd(self.SHARED[3], dict.fromkeys(names, now), gt=True)
+                pipeline.zadd(self.ALIVE, dict.fromkeys(names, now), gt=True)
 
         results = await self.in_one_round_trip(queue)
         for n, name in enumerate(names):

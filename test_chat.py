@@ -1593,7 +1593,7 @@ async def test_rooms_in_redis_keep_to_the_same_budget(redis_server, monkeypatch)
     client = redis.Redis.from_url(redis_server, decode_responses=True)
     client.flushdb()
     store = chat.RedisRooms(redis_server)
-    _, sizes_key, bytes_key, _ = store.SHARED
+    sizes_key, bytes_key = store.SIZES, store.BYTES
     nickname, _ = await store.join("lived-in", "m1", "ana")
     for n in range(chat.HISTORY_SIZE):
         await store.post("lived-in", chat.chat_frame("ana", f"kept {n}"))
@@ -2151,7 +2151,7 @@ def test_what_each_operation_costs_redis(capsys):
             lobby = lambda: get_json(server.url + "/chat/rooms.json")
             # a list, the counts, the list told
             measured(f"the lobby is refreshed ({chat.LOBBY_SIZE} rooms)", 1, lobby, 3)
-            alive = chat.RedisRooms.SHARED[3]
+            alive = chat.RedisRooms.ALIVE
             score = client.zscore(alive, "r0")
 
             def keep_alive_round():
@@ -2243,7 +2243,7 @@ def work_on_a_one_node_cluster(cluster, monkeypatch, capsys) -> None:
         return store
 
     store = asyncio.run(budget_and_keep_alive())
-    assert int(client.get(store.SHARED[2])) <= chat.ROOMS_BUDGET
+    assert int(client.get(store.BYTES)) <= chat.ROOMS_BUDGET
     assert not client.exists(*store.keys("flood-0")) and client.exists(
         store.keys("flood-29")[1]
     )
