@@ -761,9 +761,9 @@ PAGES["room.html"] = r"""{% extends "base.html" %}
     document.querySelector('#announcer').textContent = line;  // read out by screen readers
     if (document.hidden) document.title = '(' + ++unread + ') ' + title;
   }
-  function showNotice(kind, symbol, parts, live) {
+  function showNotice(kind, symbol, parts) {  // (not counted by the button: not a message)
     const item = element('div', 'event notice ' + kind, [symbol + ' ', ...parts]);
-    show(item, item.textContent, live);
+    show(item, item.textContent);
     if (kind === 'error') document.querySelector('#announcer').textContent = item.textContent;
   }
   document.addEventListener('visibilitychange', function () {
@@ -812,17 +812,17 @@ PAGES["room.html"] = r"""{% extends "base.html" %}
     },
     join(frame) {
       const others = frame.users.filter((name) => name !== me);  // we know we came
-      if (others.length) showNotice('join', '→', phrase('joined', named(others)), online);
+      if (others.length) showNotice('join', '→', phrase('joined', named(others)));
       frame.users.forEach((name) => members.add(name));
       showMembers(frame);
     },
     leave(frame) {
-      showNotice('leave', '←', phrase('left', named(frame.users)), online);
+      showNotice('leave', '←', phrase('left', named(frame.users)));
       frame.users.forEach((name) => members.delete(name));
       showMembers(frame);
     },
     rename(frame) {
-      showNotice('rename', '✎', phrase('renamed', {old: frame.old, name: frame.user}), online);
+      showNotice('rename', '✎', phrase('renamed', {old: frame.old, name: frame.user}));
       members.delete(frame.old);
       members.add(frame.user);
       showMembers(frame);
@@ -838,7 +838,7 @@ PAGES["room.html"] = r"""{% extends "base.html" %}
       clearTimeout(typingTimer);
       typingTimer = setTimeout(() => typing.replaceChildren(), 3000);
     },
-    error(frame) { showNotice('error', '⚠', [frame.message], true); },
+    error(frame) { showNotice('error', '⚠', [frame.message]); },
   };
 
   function connect() {

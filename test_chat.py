@@ -1967,6 +1967,7 @@ def test_open_lobbies_cost_redis_per_process_not_per_page():
         members = [server.websocket(f"lobby-{n}", name="ana") for n in range(3)]
         for member in members:
             next_frame(member, "welcome")
+            next_frame(member, "join")  # (the news of it: counted and sent)
         before = redis_calls(redis_server.url)
         started = time.monotonic()
         # 500 open lobbies polling every 3 s (LOBBY_REFRESH), from 50 addresses.
