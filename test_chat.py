@@ -2053,16 +2053,16 @@ def test_a_connect_costs_redis_one_round_trip_and_a_leave_one(redis_server):
                 arriving, after = commands(), round_trips()
             frames_until(watcher, lambda f: f["type"] == "leave" and f["count"] == 1)
             leaving, trips_leaving = commands(), round_trips() - after
-        # Entering is a script for the room and one for what all rooms share, sent
-        # together; leaving is one script. The news of arrivals and departures (a count,
-        # the lobby told, a publish) goes out for many at once, and the keep-alive may
-        # take a round meanwhile. (Not counted: opening a Redis connection.)
+        # Entering is one script (the room's first member in a process also has it
+        # counted, in the same round trip); leaving is one script. The news of
+        # arrivals and departures (a count, the lobby told, a publish) goes out for
+        # many at once, and the keep-alive may take a round meanwhile. (Not counted:
+        # opening a Redis connection.)
         setup = {"HELLO", "PING", "SCRIPT", "CLIENT", "SELECT"}
-        for sent, per_member in ((arriving, 2), (leaving, 1)):
+        for sent in (arriving, leaving):
             sent = [command for command in sent if command not in setup]
-            assert len(sent) <= 30 * per_member + 12, Counter(sent)
-        # Round trips: 30 and 30, besides those of the news and of opening connections
-        # (arrivals sent apart would take 60).
+            assert len(sent) <= 30 + 12, Counter(sent)
+        # Round trips: 30 and 30, besides those of the news and of opening connections.
         assert after - before <= 30 + 20 and trips_leaving <= 30 + 20
     finally:
         server.stop()
@@ -2140,7 +2140,7 @@ def test_what_each_operation_costs_redis(capsys):
                     next_frame(crowd[-1], "welcome")
                 frames_until(watcher, lambda f: f.get("count") == n + 1)
 
-            # ENTER and ACCOUNT pipelined (the news adds a little)
+            # ENTER (the news adds a little)
             measured(
                 "a member connects (history, names), with the news", n, arrive, 1.2
             )
