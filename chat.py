@@ -1332,7 +1332,8 @@ class RedisRooms:
         + "return present(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])"
     )
     # Entering a room: its position (a new room gets its epoch), what the member
-    # missed, its name, and who is here. (ACCOUNT goes with it, in one round trip.)
+    # missed, its name, and who is here. (For a room's first member in a process,
+    # ACCOUNT goes with it, in the same round trip.)
     ENTER = (
         "#!lua\n"
         + CLAIM
@@ -1400,7 +1401,7 @@ class RedisRooms:
             return await self.in_one_round_trip(queue)
         return results
 
-    def accounting(self, name: str, grown: int, entered=False) -> tuple[list, list]:
+    def accounting(self, name: str, grown: int, entered: bool = False) -> tuple:
         """ACCOUNT's keys and arguments: the room grew by `grown` bytes, used now."""
         args = [name, grown, time.time(), ROOMS_BUDGET, ROOM_IDLE, ROOM_BYTES]
         keys = [self.USED, self.SIZES, self.BYTES, self.ALIVE, self.BUSY]
@@ -1554,8 +1555,8 @@ class RedisRooms:
 
     async def keep_rooms(self) -> None:
         """One round for all of this process's rooms: one pipelined round trip,
-        however many rooms. The rooms are alive (ACCOUNT keeps them). An error
-        that is not an outage stays its room's."""
+        however many rooms. It tells that the rooms are alive, so that ACCOUNT keeps
+        them. An error that is not an outage stays its room's."""
         names, now = list(self.local), time.time()
 
         def queue(pipeline) -> None:
