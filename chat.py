@@ -1344,7 +1344,7 @@ class RedisScripts:
     # One script, so an id is never handed out without its message being in history:
     # whoever sees message n can always find n-1 there. It says how many bytes the
     # room grew by (ACCOUNT counts them).
-    POST = """#!lua
+    POST = r"""#!lua
         redis.call('HSETNX', KEYS[1], 'epoch', ARGV[2])
         local frame = cjson.decode(ARGV[1])
         frame['id'] = redis.call('HINCRBY', KEYS[1], 'last_id', 1)
@@ -1364,7 +1364,7 @@ class RedisScripts:
         return {encoded, grown}
     """
     # The room's epoch and last id (a new room gets its epoch here).
-    POSITION = """#!lua
+    POSITION = r"""#!lua
         redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
         redis.call('EXPIRE', KEYS[1], ARGV[2])
         return redis.call('HMGET', KEYS[1], 'epoch', 'last_id')
@@ -1377,7 +1377,7 @@ class RedisScripts:
     # said it keeps some there (on entering, and at each keep-alive round), so the
     # rooms of a process that died go too. The names of the rooms let go come back:
     # their own keys are in other slots, and are deleted next.
-    ACCOUNT = """#!lua
+    ACCOUNT = r"""#!lua
         local used, sizes, total_bytes, alive, busy = unpack(KEYS)
         local room, grown, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
         local budget, idle = tonumber(ARGV[4]), ARGV[5]
@@ -1411,7 +1411,7 @@ class RedisScripts:
         return gone
     """
     # A member takes the first of "name", "name (2)"... that no one else has.
-    CLAIM = """
+    CLAIM = r"""
         local function claim(members, names, member, nickname, expiry, idle)
             local name, n = nickname, 1
             while true do
@@ -1421,7 +1421,7 @@ class RedisScripts:
                 name = nickname .. ' (' .. n .. ')'
             end
             redis.call('HSET', names, name, member)
-            redis.call('ZADD', members, expiry, member .. '\\n' .. name)
+            redis.call('ZADD', members, expiry, member .. '\n' .. name)
             redis.call('EXPIRE', members, idle)
             redis.call('EXPIRE', names, idle)
             return name
@@ -1432,8 +1432,8 @@ class RedisScripts:
         + CLAIM
         + "return claim(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4])"
     )
-    LEAVE = """#!lua
-        redis.call('ZREM', KEYS[1], ARGV[1] .. '\\n' .. ARGV[2])
+    LEAVE = r"""#!lua
+        redis.call('ZREM', KEYS[1], ARGV[1] .. '\n' .. ARGV[2])
         if redis.call('HGET', KEYS[2], ARGV[2]) == ARGV[1] then
             redis.call('HDEL', KEYS[2], ARGV[2])
         end
@@ -1442,7 +1442,7 @@ class RedisScripts:
     # process announces each.
     # Lists come back as one JSON text: redis-py reads a reply element by element in
     # Python, and a hundred names took longer than all the rest of a connect.
-    PRESENT = """
+    PRESENT = r"""
         local function json_array(texts)  -- of texts that are JSON already
             return '[' .. table.concat(texts, ',') .. ']'
         end
@@ -1450,7 +1450,7 @@ class RedisScripts:
             local gone = redis.call('ZRANGEBYSCORE', members, '-inf', now, 'LIMIT', 0, 500)
             if #gone > 0 then redis.call('ZREM', members, unpack(gone)) end
             for _, entry in ipairs(gone) do
-                local member, name = string.match(entry, '^(.-)\\n(.*)$')
+                local member, name = string.match(entry, '^(.-)\n(.*)$')
                 if redis.call('HGET', names, name) == member then
                     redis.call('HDEL', names, name)
                 end
@@ -1459,7 +1459,7 @@ class RedisScripts:
             if count > 0 then redis.call('EXPIRE', members, idle) end
             local listing = {}
             for i, entry in ipairs(redis.call('ZRANGE', members, 0, listed - 1)) do
-                listing[i] = cjson.encode(string.match(entry, '\\n(.*)$'))
+                listing[i] = cjson.encode(string.match(entry, '\n(.*)$'))
             end
             return {gone, count, json_array(listing)}
         end
@@ -1476,7 +1476,7 @@ class RedisScripts:
         "#!lua\n"
         + CLAIM
         + PRESENT
-        + """
+        + r"""
         local room, history, members, names = unpack(KEYS)
         redis.call('HSETNX', room, 'epoch', ARGV[1])
         redis.call('EXPIRE', room, ARGV[2])
