@@ -23,25 +23,27 @@ configures nothing: `include("chat")` and `chat.websocket_urlpatterns` mount it 
 The map: one line for each banner below, in order.
 
     Imports
-    Configuration                  the limits, a constant each (MAX_MESSAGE, HISTORY_SIZE…)
-    Configuration: Django's settings, in code   settings.configure, the channel layer
-    What this process holds        the module's state, a line each
-    The consumer                   ChatConsumer: connect, disconnect, receive, handlers
-    The consumer: its frames and limits   what it sends and accepts; caps per address
-    How a message crosses: one hub per room   group_send, RoomHub, delivery in order
-    How a message crosses: presence news      joins and leaves, gathered into frames
-    Routing and application        websocket_urlpatterns, the Host check, `application`
-    HTTP views                     lobby, room, rooms.json, healthz; `urlpatterns`
-    Where rooms live: names and what a member learns   rooms(), names, Presence
-    Where rooms live: in memory    history, members and the budget, in this process
-    Where rooms live: in Redis     the same for every process, a Lua script each
-    The pages: what they say       WORDS, in English and Russian
-    The pages: how they look       STYLE (one stylesheet for every page), the icon
-    The pages: templates           base, lobby, 404 and room, each with its script
-    Serving: Daphne                serve(), signals, shutting down, slow readers
-    Serving: the door, what a connection may make it read   limits below Daphne
-    Serving: workers, and from a program   --workers N, chat.start()
-    Command line                   the flags, the banner, main()
+    Configuration                              the limits, a constant each
+    Configuration: Django's settings, in code  settings.configure, the channel layer
+    What this process holds                    the module's state, a line each
+    The consumer                               connect, disconnect, receive, handlers
+    The consumer: its frames and limits        what it sends; what it accepts
+    How a message crosses: one hub per room    group_send, RoomHub, in id order
+    How a message crosses: presence news       joins and leaves, a frame for many
+    Routing and application                    websocket_urlpatterns, Host, application
+    HTTP views                                 lobby, room, rooms.json; urlpatterns
+    Where rooms live                           rooms(), room names and nicknames
+    Where rooms live: in memory                history, members, budget: this process
+    Where rooms live: Redis's scripts          the same in Lua, a round trip each
+    Where rooms live: in Redis                 RedisRooms: every process shares them
+    The pages: what they say                   WORDS, in English and Russian
+    The pages: how they look                   STYLE: one stylesheet, every page
+    The pages: templates                       base, lobby, 404 and a room
+    The pages: a room's script                 the room's page at work
+    Serving: Daphne                            serve(), signals, stopping, slow readers
+    Serving: the door                          what a connection may make it read
+    Serving: workers, and from a program       --workers N, chat.start()
+    Command line                               the flags, the banner, main()
 """
 
 
@@ -690,6 +692,9 @@ def forget_address(address: str) -> None:
 
 
 # How a message crosses: one hub per room #####################################
+# post() above keeps a message in the room's history, which numbers it, then
+# group_sends it. In each process, one hub per room receives it from the group and
+# hands it to the room's members there, in id order.
 
 
 class RoomLayer(InMemoryChannelLayer):
@@ -1094,7 +1099,7 @@ def content_security_policy(request, nonce: str) -> str:
     )
 
 
-# Where rooms live: names and what a member learns ############################
+# Where rooms live ############################################################
 
 
 @functools.cache
@@ -2592,7 +2597,8 @@ def open_websockets(server) -> list:
     ]
 
 
-# Serving: the door, what a connection may make it read #######################
+# Serving: the door ###########################################################
+# What a connection may make the server read, before Daphne reads it.
 
 
 class GuardedConnection(ProtocolWrapper):
