@@ -3352,6 +3352,18 @@ def test_the_tutorials_browser_tests_pass_against_steps_3_to_5(number, chrome_dr
             redis_server.stop()
 
 
+def test_the_map_at_the_top_names_every_banner_in_order():
+    """chat.py is read aloud: its docstring's map has a line for each banner section,
+    in the order they come, so that a reader can jump to one."""
+    source = (HERE / "chat.py").read_text()
+    banners = re.findall(r"^# (.+?) #{3,}$", source, flags=re.MULTILINE)
+    docstring = source.split('"""')[1]
+    the_map = docstring.split("The map:", 1)[1].split("\n\n", 1)[1]
+    named = [re.split(r"\s{2,}", line.strip())[0] for line in the_map.splitlines()]
+    assert len(banners) >= 10
+    assert named == banners
+
+
 # === Browser tests: the Channels tutorial's own, as it wrote them ===
 
 
