@@ -2062,8 +2062,12 @@ def test_a_connect_costs_redis_one_round_trip_and_a_leave_one(redis_server):
         for sent in (arriving, leaving):
             sent = [command for command in sent if command not in setup]
             assert len(sent) <= 30 + 12, Counter(sent)
-        # Round trips: 30 and 30, besides those of the news and of opening connections.
-        assert after - before <= 30 + 20 and trips_leaving <= 30 + 20
+        # Round trips: 30 and 30, besides those of the news and of opening connections
+        # (a crowd leaving at once may have the pool open some: each reads a HELLO, a
+        # CLIENT SETINFO or two that MONITOR does not show, and a first PING).
+        opening = [4 * sent.count("HELLO") for sent in (arriving, leaving)]
+        assert after - before - opening[0] <= 30 + 20
+        assert trips_leaving - opening[1] <= 30 + 20
     finally:
         server.stop()
 
