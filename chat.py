@@ -49,8 +49,6 @@ The map: one line for each banner below, in order.
 
 # Imports #####################################################################
 
-from __future__ import annotations
-
 import argparse
 import asyncio
 import contextlib
@@ -307,14 +305,14 @@ def notice_outage(record: logging.LogRecord) -> bool:
 
 # All else lives in the rooms' store (memory or Redis) or on a connection's consumer.
 
-hubs: dict[str, RoomHub] = {}  # room -> its one receiver of events here
-open_sockets: set[ChatConsumer] = set()  # every member here (shutdown says goodbye)
+hubs: "dict[str, RoomHub]" = {}  # room -> its one receiver of events here
+open_sockets: "set[ChatConsumer]" = set()  # every member here (shutdown says goodbye)
 pending_news: dict[str, dict[str, list[str]]] = {}  # room -> joins, leaves to tell
 running_tasks: set[asyncio.Task] = set()  # spawn()'s (asyncio holds tasks weakly)
 # Client addresses: one student's script may not take the sockets and the rate of
 # a whole workshop. Reconnecting does not refill an address's rate.
 sockets_per_address: Counter[str] = Counter()  # address -> its open WebSockets
-address_rates: dict[str, RateLimit] = {}  # address -> the rate its sockets share
+address_rates: "dict[str, RateLimit]" = {}  # address -> the rate its sockets share
 behind_since = weakref.WeakKeyDictionary()  # a slow reader -> when it fell behind
 main_ran = False  # main() runs once per process (Twisted's reactor does)
 
@@ -379,7 +377,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             f" ({presence.count} here)"
         )
 
-    async def send_history(self, arrival: Arrival) -> None:
+    async def send_history(self, arrival: "Arrival") -> None:
         """Replay what the member missed, then expect the message after it."""
         self.epoch = arrival.epoch
         for event in arrival.missed:
@@ -554,7 +552,7 @@ def chat_frame(user: str, text: str) -> dict:
     return {"type": "message", "message": text, "user": user, "ts": now()}
 
 
-def presence_frame(kind: str, names: list[str], presence: Presence) -> dict:
+def presence_frame(kind: str, names: list[str], presence: "Presence") -> dict:
     more = f" and {len(names) - 3} more" if len(names) > 3 else ""
     shown = ", ".join(names[:3]) + more
     return {
@@ -567,7 +565,7 @@ def presence_frame(kind: str, names: list[str], presence: Presence) -> dict:
 
 
 def welcome_frame(
-    room: str, user: str, presence: Presence, epoch: str, last_id: int
+    room: str, user: str, presence: "Presence", epoch: str, last_id: int
 ) -> dict:
     return {
         "type": "welcome",
@@ -580,7 +578,7 @@ def welcome_frame(
     }
 
 
-def rename_frame(old: str, new: str, presence: Presence) -> dict:
+def rename_frame(old: str, new: str, presence: "Presence") -> dict:
     return {
         "type": "rename",
         "message": f"{old} is now {new}",
@@ -1103,7 +1101,7 @@ def content_security_policy(request, nonce: str) -> str:
 
 
 @functools.cache
-def rooms() -> MemoryRooms | RedisRooms:
+def rooms() -> "MemoryRooms | RedisRooms":
     """This process's rooms: in Redis when the chat has a Redis URL, else in memory."""
     url = knob("REDIS_URL", None)
     if url:
@@ -2429,8 +2427,7 @@ PAGES["room.js"] = r"""<script nonce="{{ nonce }}">
     if (event.persisted) { away = false; connect(); }
   });
   connect();
-</script>
-"""
+</script>"""
 
 
 # Serving: Daphne #############################################################
@@ -2608,7 +2605,7 @@ class GuardedConnection(ProtocolWrapper):
     HEAD pass (405), with at most MAX_BODY bytes of body (413). Once it is a
     WebSocket, its frames go straight on: autobahn limits them (MAX_FRAME)."""
 
-    def __init__(self, factory: Guard, wrapped) -> None:
+    def __init__(self, factory: "Guard", wrapped) -> None:
         super().__init__(factory, wrapped)
         self.head = b""  # the start of a request not yet looked at
         self.body_left = 0  # bytes of an allowed body still to come
